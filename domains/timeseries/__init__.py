@@ -1,0 +1,1 @@
+"""The time-series domain: windows of multichannel series (Diffusion-TS / PaD-TS setting)."""

@@ -1,0 +1,91 @@
+"""Training samples held as tensors, batched by index: dense (fixed-size) and ragged (variable-size).
+
+A domain turns its Arrow records into one of these once; training then draws batches by sample
+index. `fingerprint()` is a content hash saved with every checkpoint, so that a resumed or
+reloaded expert can be checked against the data it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from archipelago.experts.batch import Batch
+
+
+def hash_tensors(tensors: Mapping[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+class Samples(ABC):
+    """A data set of N samples that yields batches by index."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def batch(self, ids: Tensor) -> Batch:
+        """The batch of the samples `ids` (a LongTensor of sample indices)."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A short content hash of the samples."""
+
+
+class DenseSamples(Samples):
+    """Samples whose tensors all have one row per sample."""
+
+    def __init__(self, tensors: Mapping[str, Tensor]):
+        sizes = {name: value.shape[0] for name, value in tensors.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"dense sample tensors disagree on the number of samples: {sizes}")
+        self.tensors = dict(tensors)
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def batch(self, ids: Tensor) -> Batch:
+        return {name: value[ids] for name, value in self.tensors.items()}
+
+    def fingerprint(self) -> str:
+        return hash_tensors(self.tensors)
+
+
+class RaggedSamples(Samples):
+    """Samples of variable size: `ragged` tensors stack the rows of all samples in order, `sizes`
+    gives each sample's row count, `dense` tensors have one row per sample. A batch carries the
+    index tensor `index` that maps each ragged row to its sample in the batch."""
+
+    def __init__(self, ragged: Mapping[str, Tensor], sizes: Tensor, dense: Mapping[str, Tensor] | None = None,
+                 index: str = "batch"):
+        total = int(sizes.sum())
+        bad = {name: v.shape[0] for name, v in ragged.items() if v.shape[0] != total}
+        if bad:
+            raise ValueError(f"ragged tensors must have sum(sizes) = {total} rows, got {bad}")
+        self.ragged, self.sizes, self.dense, self.index = dict(ragged), sizes.long(), dict(dense or {}), index
+        self.offsets = torch.cumsum(self.sizes, 0) - self.sizes
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def batch(self, ids: Tensor) -> Batch:
+        counts = self.sizes[ids]
+        starts_in_batch = torch.cumsum(counts, 0) - counts
+        local = torch.arange(int(counts.sum())) - torch.repeat_interleave(starts_in_batch, counts)
+        rows = torch.repeat_interleave(self.offsets[ids], counts) + local
+        out = {name: value[rows] for name, value in self.ragged.items()}
+        out.update({name: value[ids] for name, value in self.dense.items()})
+        out[self.index] = torch.repeat_interleave(torch.arange(len(ids)), counts)
+        return out
+
+    def fingerprint(self) -> str:
+        return hash_tensors({**self.ragged, **self.dense, "__sizes__": self.sizes})

@@ -1,0 +1,189 @@
+"""Probability paths, one per field type, behind one small interface.
+
+A path couples a data field x_0 with noise x_1 along t in [0, 1] (t = 0 data, t = 1 noise) and
+says, for that field: how to draw x_1, how to draw x_t with its training target, the training
+loss, what *mixable* quantity a network output stands for, and how to move x_t to an earlier
+time given that quantity.
+
+The mixable quantity is what the DDM identity sums over experts with weights p(k | x_t, t):
+the velocity for continuous fields (Euclidean or on the torus) and the posterior p(x_0 | x_t)
+for categorical fields. Both mixtures are exact:
+
+    u_t(x_t) = sum_k p(k | x_t, t) u_t^(k)(x_t),   p(x_0 | x_t) = sum_k p(k | x_t, t) p_k(x_0 | x_t).
+
+Paths implemented:
+- `GaussianPath`: affine Gaussian path x_t = alpha_t x_0 + sigma_t eps (flow matching by default).
+- `TorusPath`: geodesic flow on the flat torus [0, 1)^d from data to uniform noise (periodic
+  coordinates such as fractional atom positions; as in FlowMM / DiffCSP's wrapped setting).
+- `MaskedPath`: the absorbing ("masked") discrete path over C categories: each entry stays x_0
+  with probability 1 - t and is the mask token C otherwise (discrete flow matching).
+
+Every method takes `t` already laid out per row of the field (see `archipelago.experts.batch`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from archipelago.experts.conventions import LinearScheduler, Prediction, Scheduler, convert
+
+
+@dataclass(frozen=True)
+class PathSample:
+    """A point on the path and what the network is trained to output there."""
+
+    x_t: Tensor
+    target: Tensor
+
+
+def _expand(t: Tensor, x: Tensor) -> Tensor:
+    """Broadcast a per-row time [R] against a field [R, ...]."""
+    return t.reshape(-1, *([1] * (x.dim() - 1))).to(dtype=x.dtype if x.is_floating_point() else t.dtype)
+
+
+class ProbabilityPath(ABC):
+    """The interface every field type implements."""
+
+    predictions: tuple[Prediction, ...] = (Prediction.VELOCITY,)
+
+    @abstractmethod
+    def prior(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw x_1 with the shape of `like`."""
+
+    @abstractmethod
+    def sample(
+        self, x_0: Tensor, t: Tensor, generator: torch.Generator | None, prediction: Prediction
+    ) -> PathSample:
+        """Draw x_t ~ p_t(. | x_0) and the regression or classification target."""
+
+    @abstractmethod
+    def loss(self, output: Tensor, sample: PathSample) -> Tensor:
+        """The scalar training loss of a network output against the target."""
+
+    @abstractmethod
+    def mixable(self, output: Tensor, x_t: Tensor, t: Tensor, prediction: Prediction) -> Tensor:
+        """Turn a raw network output into the quantity that experts mix linearly."""
+
+    @abstractmethod
+    def step(
+        self, x_t: Tensor, mixed: Tensor, t: Tensor, t_next: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        """Move x_t from t to t_next < t given the (mixed) quantity."""
+
+    def check_prediction(self, prediction: Prediction) -> None:
+        if Prediction(prediction) not in self.predictions:
+            raise ValueError(
+                f"{type(self).__name__} supports predictions {[p.value for p in self.predictions]}, "
+                f"not {Prediction(prediction).value!r}"
+            )
+
+
+class GaussianPath(ProbabilityPath):
+    """x_t = alpha_t x_0 + sigma_t eps with eps ~ N(0, I); mixes velocities."""
+
+    predictions = (Prediction.VELOCITY, Prediction.EPSILON, Prediction.X0)
+
+    def __init__(self, scheduler: Scheduler | None = None):
+        self.scheduler = scheduler or LinearScheduler()
+
+    def prior(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+    def sample(self, x_0, t, generator, prediction):
+        eps = self.prior(x_0, generator)
+        s = self.scheduler(_expand(t, x_0))
+        target = {
+            Prediction.VELOCITY: s.d_alpha * x_0 + s.d_sigma * eps,
+            Prediction.EPSILON: eps,
+            Prediction.X0: x_0,
+        }[Prediction(prediction)]
+        return PathSample(x_t=s.alpha * x_0 + s.sigma * eps, target=target)
+
+    def loss(self, output, sample):
+        return F.mse_loss(output, sample.target)
+
+    def mixable(self, output, x_t, t, prediction):
+        return convert(output, prediction, Prediction.VELOCITY, x_t, self.scheduler(_expand(t, x_t)))
+
+    def step(self, x_t, mixed, t, t_next, generator):
+        return x_t + _expand(t_next - t, x_t) * mixed
+
+
+def wrap_centered(x: Tensor) -> Tensor:
+    """Map displacements on the unit torus to their shortest representative in [-1/2, 1/2)."""
+    return torch.remainder(x + 0.5, 1.0) - 0.5
+
+
+class TorusPath(ProbabilityPath):
+    """Geodesic path on [0, 1)^d: x_t = x_0 + t log_{x_0}(x_1) (mod 1), x_1 ~ U[0, 1)^d.
+
+    The velocity log_{x_0}(x_1) = wrap(x_1 - x_0) is constant along the geodesic; sampling takes
+    Euler steps on the torus and wraps back into [0, 1).
+    """
+
+    def prior(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+    def sample(self, x_0, t, generator, prediction):
+        self.check_prediction(prediction)
+        velocity = wrap_centered(self.prior(x_0, generator) - x_0)
+        return PathSample(x_t=torch.remainder(x_0 + _expand(t, x_0) * velocity, 1.0), target=velocity)
+
+    def loss(self, output, sample):
+        return F.mse_loss(output, sample.target)
+
+    def mixable(self, output, x_t, t, prediction):
+        return output
+
+    def step(self, x_t, mixed, t, t_next, generator):
+        return torch.remainder(x_t + _expand(t_next - t, x_t) * mixed, 1.0)
+
+
+class MaskedPath(ProbabilityPath):
+    """Absorbing discrete path over `num_categories` classes; index `num_categories` is the mask.
+
+    The network outputs logits over the classes for x_0; the mixable quantity is the posterior
+    p(x_0 | x_t). From t to t_next a masked entry is revealed with probability (t - t_next) / t,
+    drawing its class from the posterior; revealed entries stay fixed.
+    """
+
+    predictions = (Prediction.X0,)
+
+    def __init__(self, num_categories: int):
+        if num_categories < 2:
+            raise ValueError(f"MaskedPath needs at least 2 categories, got {num_categories}")
+        self.num_categories = num_categories
+
+    @property
+    def mask(self) -> int:
+        return self.num_categories
+
+    def prior(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.full(like.shape, self.mask, dtype=torch.long, device=like.device)
+
+    def sample(self, x_0, t, generator, prediction):
+        u = torch.rand(x_0.shape, generator=generator, device=x_0.device)
+        masked = u < _expand(t, x_0).to(u.dtype)
+        return PathSample(x_t=torch.where(masked, self.mask, x_0), target=x_0)
+
+    def loss(self, output, sample):
+        masked = sample.x_t == self.mask
+        if not masked.any():
+            return output.sum() * 0.0
+        return F.cross_entropy(output[masked], sample.target[masked])
+
+    def mixable(self, output, x_t, t, prediction):
+        return output.softmax(dim=-1)
+
+    def step(self, x_t, mixed, t, t_next, generator):
+        reveal_prob = ((t - t_next) / t.clamp_min(1e-12)).clamp(0.0, 1.0)
+        u = torch.rand(x_t.shape, generator=generator, device=x_t.device)
+        reveal = (x_t == self.mask) & (u < _expand(reveal_prob, x_t).to(u.dtype))
+        flat = mixed.reshape(-1, self.num_categories).clamp_min(0)
+        drawn = torch.multinomial(flat, 1, generator=generator).reshape(x_t.shape)
+        return torch.where(reveal, drawn, x_t)

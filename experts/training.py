@@ -1,0 +1,212 @@
+"""Training of one expert: plain PyTorch, one model, one partition, checkpoint and exact resume.
+
+`train_expert` minimizes the flow-matching objective of the domain's fields on one partition
+with AdamW, a linear learning-rate warm-up (then constant, so that extending `steps` on resume
+changes nothing already done), gradient-norm clipping and EMA weights. `run_training` is the loop
+itself, shared with the router's training. Resuming from the latest checkpoint restores weights,
+EMA, optimizer moments, generator states and the step, so N steps + resume + N steps give the same
+weights, bit for bit, as 2N steps in one go.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from archipelago.experts.batch import Batch
+from archipelago.experts.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from archipelago.experts.conventions import Prediction
+from archipelago.experts.data import Samples
+from archipelago.experts.denoiser import denoising_loss
+from archipelago.experts.domain import Domain
+
+LossFn = Callable[[nn.Module, Batch, torch.Generator], Tensor]
+OnLog = Callable[[int, dict[str, float]], None]
+
+# Keys that may change between a checkpoint and its resumption; every other key must match.
+RESUMABLE_KEYS = frozenset({"steps", "checkpoint_every", "log_every", "progress"})
+
+
+class TrainConfig(BaseModel):
+    """Optimization settings of one training (expert or router)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(2000, ge=1)  # total optimizer steps
+    batch_size: int = Field(64, ge=1)  # samples per step, drawn with replacement
+    lr: float = Field(1e-3, gt=0)  # AdamW learning rate after warm-up
+    weight_decay: float = Field(0.0, ge=0)  # AdamW decoupled weight decay
+    warmup_steps: int = Field(100, ge=0)  # linear learning-rate warm-up from 0
+    grad_clip: float = Field(1.0, gt=0)  # max global gradient norm
+    ema_decay: float = Field(0.999, ge=0, lt=1)  # EMA of weights, with the usual (1+n)/(10+n) warm-up
+    checkpoint_every: int = Field(500, ge=1)  # steps between checkpoints (and one at the end)
+    log_every: int = Field(50, ge=1)  # steps between logged metrics
+    seed: int = 0  # seeds the data order and the noise
+    device: str | None = None  # None: CUDA when present, else CPU
+    progress: bool = True  # show a progress bar
+
+
+class ExpertConfig(BaseModel):
+    """One expert: its partition, its prediction type, and how it trains."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    partition: int = Field(ge=0)  # the cluster this expert learns
+    prediction: Prediction = Prediction.VELOCITY  # what the network predicts for continuous fields
+    train: TrainConfig = TrainConfig()
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint exists but was made with another config or other data."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the final checkpoint is and how training went."""
+
+    checkpoint: str
+    steps: int
+    resumed_from: int  # 0 when trained from scratch
+    final_loss: float
+
+
+def derive_seed(run_seed: int, *keys: Any) -> int:
+    """A seed for one stream (expert k, the router, ...) derived from the run seed."""
+    digest = hashlib.sha256(":".join(map(str, (run_seed, *keys))).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """Build a network with its initial weights drawn from `seed` (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
+def pick_device(requested: str | None) -> torch.device:
+    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _lr_at(step: int, config: TrainConfig) -> float:
+    return config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+
+
+def _ema_decay_at(step: int, config: TrainConfig) -> float:
+    return min(config.ema_decay, (1 + step) / (10 + step))
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator]) -> dict[str, Tensor]:
+    tensors = {f"rng.{name}": g.get_state() for name, g in generators.items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+    return tensors
+
+
+def _restore_state(optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator],
+                   tensors: dict[str, Tensor]) -> None:
+    for name, g in generators.items():
+        g.set_state(tensors[f"rng.{name}"])
+    saved = optimizer.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            saved["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(saved)
+
+
+def check_resumable(meta: dict[str, Any], config: dict[str, Any], fingerprint: str, uri: str) -> None:
+    """Raise CheckpointMismatch naming what differs between a checkpoint and this training."""
+    saved = meta.get("config", {})
+    differing = sorted(k for k in set(saved) | set(config)
+                       if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k))
+    if differing:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}" for k in differing)
+        raise CheckpointMismatch(f"checkpoint {uri} was made with another config ({details})")
+    if meta.get("data_fingerprint") != fingerprint:
+        raise CheckpointMismatch(
+            f"checkpoint {uri} was trained on data {meta.get('data_fingerprint')}, this data is {fingerprint}"
+        )
+
+
+def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: TrainConfig, folder: str,
+                 meta: dict[str, Any], on_log: OnLog | None = None, description: str = "train") -> TrainResult:
+    """The training loop shared by experts and the router (see the module docstring)."""
+    device = pick_device(config.device)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generators = {"data": torch.Generator().manual_seed(config.seed),
+                  "noise": torch.Generator(device=device).manual_seed(config.seed + 1)}
+    ema = {name: p.detach().clone() for name, p in model.named_parameters()}
+    fingerprint = samples.fingerprint()
+    full_meta = {**meta, "config": config.model_dump(mode="json") | meta.get("config", {}),
+                 "seed": config.seed, "data_fingerprint": fingerprint}
+    start = 0
+    if (latest := latest_checkpoint(folder)) is not None:
+        checkpoint = load_checkpoint(latest)
+        check_resumable(checkpoint.meta, full_meta["config"], fingerprint, latest)
+        model.load_state_dict({k[6:]: v for k, v in checkpoint.model.items() if k.startswith("model.")})
+        ema = {k[4:]: v.to(device) for k, v in checkpoint.model.items() if k.startswith("ema.")}
+        _restore_state(optimizer, generators, checkpoint.state)
+        start = checkpoint.meta["step"]
+    resumed_from, last_loss, uri = start, float("nan"), latest
+    window_loss, window_steps, window_start, t0 = 0.0, 0, time.perf_counter(), time.perf_counter()
+    bar = tqdm(range(start, config.steps), desc=description, disable=not config.progress, initial=start,
+               total=config.steps)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config)
+        ids = torch.randint(len(samples), (config.batch_size,), generator=generators["data"])
+        batch = {name: value.to(device) for name, value in samples.batch(ids).items()}
+        loss = loss_fn(model, batch, generators["noise"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        decay = _ema_decay_at(step, config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                ema[name].lerp_(p.detach(), 1 - decay)
+        last_loss = loss.item()
+        window_loss, window_steps = window_loss + last_loss, window_steps + 1
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            elapsed = time.perf_counter() - window_start
+            metrics = {"loss": window_loss / window_steps, "lr": _lr_at(step, config),
+                       "samples_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
+                       "wall_time": time.perf_counter() - t0}
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if on_log is not None:
+                on_log(done, metrics)
+            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            weights = {f"model.{k}": v for k, v in model.state_dict().items()}
+            weights.update({f"ema.{k}": v for k, v in ema.items()})
+            uri = save_checkpoint(folder, done, weights, _state_tensors(optimizer, generators), full_meta)
+    bar.close()
+    return TrainResult(checkpoint=uri, steps=config.steps, resumed_from=resumed_from, final_loss=last_loss)
+
+
+def train_expert(config: ExpertConfig, domain: Domain, samples: Samples, folder: str,
+                 on_log: OnLog | None = None) -> TrainResult:
+    """Train one expert on one partition's samples, checkpointing to `folder` (any storage URI)
+    and resuming from its latest checkpoint there."""
+    net = seeded(domain.denoiser_network, config.train.seed)
+    fields = domain.fields
+
+    def loss_fn(model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
+        return denoising_loss(model, fields, batch, generator, config.prediction)
+
+    meta = {"kind": "expert", "domain": domain.name, "domain_config": domain.to_config(),
+            "partition": config.partition, "prediction": config.prediction.value,
+            "config": {"partition": config.partition, "prediction": config.prediction.value}}
+    return run_training(net, loss_fn, samples, config.train, folder, meta, on_log,
+                        description=f"expert {config.partition}")

@@ -1,0 +1,110 @@
+"""The ensemble of experts: a denoiser with the calling convention of one expert (DDM, Eq. 6).
+
+    u_t(x_t) = sum_k w_k(x_t, t) u_t^(k)(x_t)
+
+with weights from the router p(k | x_t, t) according to a routing strategy:
+
+- `full`:   w = p(k | x_t, t), every expert runs on every sample;
+- `topk`:   the k most probable experts, weights renormalized to sum to 1;
+- `top1`:   the most probable expert, re-chosen at every call for every sample (DDM's best);
+- `sample`: one expert per trajectory, drawn once from p(k | x_1, t=1) (see `draw_assignment`);
+- `oracle`: one expert per trajectory, the true partition (for evaluation).
+
+Only experts with a non-zero weight run, each on its own group of the batch, so `top1` costs one
+expert call per sample. `evaluations` counts expert and router calls per sample for reporting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+
+from archipelago.experts.batch import Batch, Fields, num_samples, per_row, select
+from archipelago.router.training import Router
+
+
+class Strategy(str, Enum):
+    FULL = "full"
+    TOPK = "topk"
+    TOP1 = "top1"
+    SAMPLE = "sample"
+    ORACLE = "oracle"
+
+
+FIXED = (Strategy.SAMPLE, Strategy.ORACLE)  # strategies that keep one expert per trajectory
+
+
+@dataclass
+class Evaluations:
+    """Network evaluations summed over samples (divide by the number of samples for per-sample)."""
+
+    expert: int = 0
+    router: int = 0
+
+
+def routing_weights(posterior: Tensor, strategy: Strategy, top_k: int = 2) -> Tensor:
+    """Per-sample expert weights [B, K] from the router's posterior [B, K]."""
+    strategy = Strategy(strategy)
+    if strategy is Strategy.FULL:
+        return posterior
+    k = 1 if strategy is Strategy.TOP1 else min(top_k, posterior.shape[1])
+    values, chosen = posterior.topk(k, dim=1)
+    weights = torch.zeros_like(posterior).scatter_(1, chosen, values)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+class Ensemble(nn.Module):
+    """Experts plus a router, callable as `ensemble(x_t, t) -> {field: mixable quantity}`."""
+
+    def __init__(self, experts: Sequence[nn.Module], router: Router | None, fields: Fields,
+                 strategy: Strategy | str = Strategy.TOP1, top_k: int = 2, assignment: Tensor | None = None):
+        super().__init__()
+        self.strategy = Strategy(strategy)
+        if self.strategy in FIXED and assignment is None:
+            raise ValueError(f"strategy {self.strategy.value!r} needs a per-sample expert assignment")
+        if self.strategy not in FIXED and router is None:
+            raise ValueError(f"strategy {self.strategy.value!r} needs a router")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.experts, self.router, self.fields = nn.ModuleList(experts), router, fields
+        self.top_k, self.assignment = top_k, assignment
+        self.evaluations = Evaluations()
+
+    def weights(self, x_t: Batch, t: Tensor) -> Tensor:
+        """w_k(x_t, t) for every sample and expert, [B, K]."""
+        if self.strategy in FIXED:
+            return nn.functional.one_hot(self.assignment.to(t.device), len(self.experts)).to(t.dtype)
+        self.evaluations.router += len(t)
+        return routing_weights(self.router.posterior(x_t, t).to(t.dtype), self.strategy, self.top_k)
+
+    def forward(self, x_t: Batch, t: Tensor) -> dict[str, Tensor]:
+        w = self.weights(x_t, t)  # [B, K]
+        mixed: dict[str, Tensor] = {}
+        runs = torch.ones_like(w, dtype=torch.bool) if self.strategy is Strategy.FULL else w > 0
+        for k, expert in enumerate(self.experts):
+            ids = torch.nonzero(runs[:, k]).squeeze(1)
+            if len(ids) == 0:
+                continue
+            sub, rows = select(x_t, self.fields, ids)
+            out = expert(sub, t[ids])
+            self.evaluations.expert += len(ids)
+            for name, spec in self.fields.items():
+                w_rows = per_row(w[ids, k], sub, spec)
+                contribution = out[name] * w_rows.reshape(-1, *([1] * (out[name].dim() - 1)))
+                if name not in mixed:
+                    rows_total = x_t[name].shape[0]
+                    mixed[name] = contribution.new_zeros((rows_total, *out[name].shape[1:]))
+                mixed[name].index_add_(0, rows[name], contribution)
+        return mixed
+
+
+def draw_assignment(router: Router, x_1: Batch, fields: Fields, generator: torch.Generator | None) -> Tensor:
+    """One expert per trajectory, k ~ p(k | x_1, t = 1) (the `sample` strategy)."""
+    t = torch.ones(num_samples(x_1, fields), device=x_1[sorted(fields)[0]].device)
+    with torch.no_grad():
+        probs = router.posterior(x_1, t)
+    return torch.multinomial(probs.float().cpu(), 1, generator=generator).squeeze(1).to(t.device)

@@ -1,0 +1,99 @@
+"""Partitioning a data set into K clusters from per-sample features (DDM, Sec. 4.1).
+
+Features are standardized, then clustered with scikit-learn's k-means (seeded, deterministic).
+The balanced variant (default, as in the paper's balanced k-means) caps every cluster at
+ceil(N / K * (1 + slack)) samples: starting from the k-means centroids, it alternates a
+capacity-constrained assignment with centroid updates. scikit-learn has no capacity-constrained
+k-means, so that assignment is ours: samples are placed in order of how much they would lose by
+not getting their nearest centroid, each into its nearest cluster that still has room.
+
+Tiny clusters: a cluster smaller than `min_size` is an error (`PartitionError`) naming the cluster
+and suggesting a smaller K or the balanced variant; clusters are never silently merged, since K
+fixes the number of experts the user asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.cluster import KMeans
+
+
+class PartitionError(ValueError):
+    """The features cannot be split into K usable clusters."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Cluster labels [N], centroids [K, F] in standardized feature space, and the standardization."""
+
+    labels: np.ndarray
+    centroids: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def sizes(self) -> list[int]:
+        return np.bincount(self.labels, minlength=len(self.centroids)).tolist()
+
+    def assign(self, features: np.ndarray) -> np.ndarray:
+        """The nearest centroid of new samples (for data added after partitioning)."""
+        z = (features - self.mean) / self.scale
+        return _sq_distances(z, self.centroids).argmin(axis=1)
+
+    def to_dict(self) -> dict:
+        return {"centroids": self.centroids.tolist(), "mean": self.mean.tolist(), "scale": self.scale.tolist(),
+                "sizes": self.sizes}
+
+
+def _sq_distances(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    return ((z[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+
+
+def capacity_assign(distances: np.ndarray, capacity: int) -> np.ndarray:
+    """Assign samples to clusters (rows to columns of `distances`) with at most `capacity` each."""
+    n, k = distances.shape
+    order = np.argsort(distances, axis=1)
+    regret = np.take_along_axis(distances, order[:, -1:], 1)[:, 0] - distances.min(axis=1)
+    labels = np.full(n, -1)
+    room = np.full(k, capacity)
+    for i in np.argsort(-regret, kind="stable"):
+        cluster = next(c for c in order[i] if room[c] > 0)
+        labels[i], room[cluster] = cluster, room[cluster] - 1
+    return labels
+
+
+def kmeans_partition(features: np.ndarray, k: int, seed: int = 0, balanced: bool = True, slack: float = 0.05,
+                     min_size: int = 2, iterations: int = 10) -> Partition:
+    """Split N samples into k clusters of their standardized features (see the module docstring)."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2:
+        raise PartitionError(f"features must be a 2-D array [N, F], got shape {features.shape}")
+    if not np.isfinite(features).all():
+        raise PartitionError("features contain NaN or infinite values")
+    n = len(features)
+    if k < 1 or k > n:
+        raise PartitionError(f"cannot split {n} samples into K={k} clusters (need 1 <= K <= {n})")
+    mean, scale = features.mean(0), features.std(0)
+    scale = np.where(scale > 0, scale, 1.0)
+    z = (features - mean) / scale
+    kmeans = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(z)
+    labels, centroids = kmeans.labels_.astype(np.int64), kmeans.cluster_centers_
+    if balanced and k > 1:
+        capacity = math.ceil(n / k * (1 + slack))
+        for _ in range(iterations):
+            new = capacity_assign(_sq_distances(z, centroids), capacity)
+            centroids = np.stack([z[new == c].mean(0) if (new == c).any() else centroids[c] for c in range(k)])
+            if np.array_equal(new, labels):
+                break
+            labels = new
+    sizes = np.bincount(labels, minlength=k)
+    if sizes.min() < min_size:
+        small = int(sizes.argmin())
+        raise PartitionError(
+            f"cluster {small} has {sizes[small]} samples (< min_size={min_size}); use fewer clusters than K={k} "
+            "or balanced=True"
+        )
+    return Partition(labels=labels, centroids=centroids, mean=mean, scale=scale)
