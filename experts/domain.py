@@ -31,8 +31,10 @@ class Domain(ABC):
         """The diffused fields and their probability paths."""
 
     @abstractmethod
-    def ingest(self, source: Any) -> pa.Table:
-        """Read a user's data into Arrow records (may fit state such as a scaler, kept in the config)."""
+    def ingest(self, source: Any, fit: bool = True) -> pa.Table:
+        """Read a user's data into Arrow records. With fit=True the domain fits its state (such as a
+        scaler, kept in its config) on this data; with fit=False it applies the state it has, as
+        for held-out data."""
 
     @abstractmethod
     def samples(self, table: pa.Table) -> Samples:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from archipelago.experts.batch import Batch, FieldSpec, Fields, num_samples, per_row, with_fields
+from archipelago.experts.batch import Batch, Fields, FieldSpec, num_samples, per_row, with_fields
 from archipelago.experts.paths import GaussianPath
 
 Model = Callable[[Batch, Tensor], Mapping[str, Tensor]]
@@ -44,13 +44,13 @@ def _advance(fields: Fields, x: Batch, mixed: Mapping[str, Tensor], t: Tensor, t
 
 
 def _combine(weights: tuple[float, ...], quantities: tuple[Mapping[str, Tensor], ...]) -> dict[str, Tensor]:
-    return {name: sum(w * q[name] for w, q in zip(weights, quantities)) for name in quantities[0]}
+    return {name: sum(w * q[name] for w, q in zip(weights, quantities, strict=True)) for name in quantities[0]}
 
 
 def _steps(x_1: Batch, grid: Tensor, fields: Fields):
     """Yield (per-sample t, per-sample t_next) for every step of the grid."""
     b = num_samples(x_1, fields)
-    for t, t_next in zip(grid[:-1], grid[1:]):
+    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
         yield t.expand(b).clone(), t_next.expand(b).clone()
 
 

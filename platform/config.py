@@ -1,0 +1,94 @@
+"""The configuration of one run, validated at the edge and saved whole in the run directory.
+
+A run config is a pydantic model with unknown keys refused, so a typo in a YAML file or a
+command-line override is an error that names the key before any work starts. The domain's own
+config is validated by the domain class itself (`validate_domain`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from archipelago.domains import domain_class
+from archipelago.experts.conventions import Prediction
+from archipelago.experts.domain import Domain
+from archipelago.experts.training import RESUMABLE_KEYS, TrainConfig
+
+# Keys that do not change what a run computes, so they may differ when a run is resumed.
+NON_IDENTITY_KEYS = RESUMABLE_KEYS | {"device"}
+
+
+class PartitionConfig(BaseModel):
+    """How the data set is split into clusters (balanced k-means over the domain's features)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    balanced: bool = True  # cap cluster sizes at ceil(N / K * (1 + slack))
+    slack: float = Field(0.05, ge=0)  # how far above N / K a balanced cluster may grow
+    min_size: int = Field(2, ge=1)  # a smaller cluster is an error
+
+
+class Placement(BaseModel):
+    """Where and with what one expert trains."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    island: str | None = None  # Ray node label island=<name>; None: anywhere
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class RunConfig(BaseModel):
+    """Everything that defines a run: data, domain, K experts, their training and the router's."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    domain: str = "timeseries"  # a built-in domain name or "module:Class"
+    domain_config: dict[str, Any] = {}  # the domain's own settings (validated by the domain)
+    data: str | None = None  # the source (a path, or "sines:N"); None when data is passed in memory
+    experts: int = Field(4, ge=1)  # K, the number of partitions and experts
+    seed: int = 0  # the run seed; expert k and the router derive theirs from it
+    prediction: Prediction = Prediction.VELOCITY  # what the experts predict
+    partition: PartitionConfig = PartitionConfig()
+    expert: TrainConfig = TrainConfig()  # training of each expert (its seed is derived per expert)
+    router: TrainConfig = TrainConfig(steps=500)  # training of the router
+    placement: list[Placement] | None = None  # per expert; None: every expert anywhere
+    router_placement: Placement = Placement()
+
+    @model_validator(mode="after")
+    def _placements_match_experts(self) -> RunConfig:
+        if self.placement is not None and len(self.placement) != self.experts:
+            raise ValueError(f"placement lists {len(self.placement)} experts, the run has experts={self.experts}")
+        return self
+
+    def placement_of(self, k: int) -> Placement:
+        return self.placement[k] if self.placement is not None else Placement()
+
+    def islands(self) -> set[str]:
+        named = [self.placement_of(k).island for k in range(self.experts)] + [self.router_placement.island]
+        return {island for island in named if island is not None}
+
+
+def validate_domain(config: RunConfig) -> Domain:
+    """Build the run's domain from its config (errors name the domain and the bad key)."""
+    cls = domain_class(config.domain)
+    try:
+        return cls.from_config(dict(config.domain_config))
+    except ValueError as error:
+        raise ValueError(f"invalid domain_config for domain {config.domain!r}: {error}") from error
+
+
+def identity_diff(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts, ignoring NON_IDENTITY_KEYS."""
+    differing = []
+    for key in sorted(set(saved) | set(new)):
+        if key in NON_IDENTITY_KEYS:
+            continue
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differing += identity_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differing.append(f"{prefix}{key}")
+    return differing

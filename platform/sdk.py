@@ -1,0 +1,130 @@
+"""The Python SDK: fit K experts and a router on your data, load the run anywhere, sample, evaluate.
+
+    from archipelago.platform import sdk
+
+    run = sdk.fit("stock_data.csv", "runs/stocks", experts=4, expert={"steps": 2000})
+    run = sdk.load("runs/stocks")                      # in any later process
+    out = run.sample(1000, strategy="top1", solver="heun", steps=50)
+    scores = run.evaluate(out)                          # against the run's own records by default
+
+`fit` runs the steps of `archipelago.platform.steps` in this process, in order, each resumable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from archipelago.domains import domain_reference
+from archipelago.experts import storage
+from archipelago.experts.batch import Batch
+from archipelago.experts.domain import Domain
+from archipelago.experts.training import OnLog
+from archipelago.platform import steps
+from archipelago.platform.config import RunConfig
+from archipelago.router.sampling import sample_ensemble
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Generated samples: the domain's objects, the raw tensors, and their cost."""
+
+    items: Any  # the domain's own objects (arrays in user units, structures, graphs, ...)
+    batch: Batch  # the tensors the domain metrics read
+    strategy: str
+    expert_calls_per_sample: float
+    router_calls_per_sample: float
+
+
+class Run:
+    """A fitted (or partly fitted) run directory."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = str(run_dir)
+        self.config = steps.load_config(self.run_dir)
+        self.domain = steps.load_domain(self.run_dir)
+        self._ensemble: steps.LoadedEnsemble | None = None
+
+    @property
+    def ensemble(self) -> steps.LoadedEnsemble:
+        if self._ensemble is None:
+            self._ensemble = steps.load_ensemble(self.run_dir)
+        return self._ensemble
+
+    def sample(
+        self,
+        n: int,
+        strategy: str = "top1",
+        solver: str = "heun",
+        steps: int = 50,
+        seed: int = 0,
+        top_k: int = 2,
+        batch_size: int = 1024,
+    ) -> Samples:
+        """Generate n samples with a routing strategy (full, topk, top1, sample, oracle) and an ODE solver."""
+        e = self.ensemble
+        generated = sample_ensemble(
+            e.domain, e.experts, e.router, n, strategy, solver, steps, seed, top_k, e.cluster_sizes, batch_size
+        )
+        return Samples(
+            items=e.domain.decode(generated.batch),
+            batch=generated.batch,
+            strategy=strategy,
+            expert_calls_per_sample=generated.expert_calls_per_sample,
+            router_calls_per_sample=generated.router_calls_per_sample,
+        )
+
+    def records(self) -> pa.Table:
+        """The records the run was fitted on."""
+        return steps._read_table(storage.join(self.run_dir, "records", "part-0.parquet"))
+
+    def evaluate(self, generated: Samples, real: Any = None, **options: Any) -> dict[str, Any]:
+        """The domain's metrics of generated samples against `real` (a source the domain can read,
+        scaled with this run's fitted state), or against the run's own records by default."""
+        table = self.records() if real is None else self.domain.ingest(real, fit=False)
+        return self.domain.evaluate(table, generated.batch, **options)
+
+
+def fit(
+    data: Any,
+    run_dir: str,
+    domain: str | Domain = "timeseries",
+    experts: int = 4,
+    *,
+    expert: dict[str, Any] | None = None,
+    router: dict[str, Any] | None = None,
+    on_log: OnLog | None = None,
+    **settings: Any,
+) -> Run:
+    """Fit K experts and a router on `data` in this process and return the run.
+
+    `data` is anything the domain reads (for time series: a CSV/Parquet path, a DataFrame, an
+    array, or "sines:N"); `domain` is a built-in name or a Domain instance; `expert` and `router`
+    override their TrainConfig fields; other settings are RunConfig fields (seed, prediction,
+    partition, domain_config). Re-running with the same arguments resumes where it stopped.
+    """
+    instance = domain if isinstance(domain, Domain) else None
+    config = RunConfig(
+        domain=domain_reference(instance) if instance else domain,
+        domain_config=instance.to_config() if instance else settings.pop("domain_config", {}),
+        data=data if isinstance(data, str) else None,
+        experts=experts,
+        expert=expert or {},
+        router=router or {},
+        **settings,
+    )
+    run_dir = str(run_dir)
+    steps.prepare(config, run_dir, source=data, domain=instance)
+    steps.partition(run_dir)
+    for k in range(config.experts):
+        steps.train_expert_step(run_dir, k, on_log)
+    steps.train_router_step(run_dir, on_log)
+    steps.assemble(run_dir)
+    return Run(run_dir)
+
+
+def load(run_dir: str) -> Run:
+    """Open a run directory written by `fit` (or by the command line, or by a cluster)."""
+    return Run(run_dir)

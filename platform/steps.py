@@ -1,0 +1,220 @@
+"""The steps of one run, each reading its inputs from the run directory and writing its outputs there.
+
+    run.json                        the resolved RunConfig (the run's identity)
+    domain.json                     the domain's config with its fitted state (e.g. the scaler)
+    records/part-0.parquet          the ingested records
+    partition.json                  centroids, cluster sizes, feature standardization, data fingerprint
+    data/expert=<k>/part-0.parquet  the records of cluster k (hive-partitioned)
+    experts/expert-<k>/             expert k's checkpoints (safetensors + JSON, LATEST pointer)
+    router/                         the router's checkpoints
+    ensemble.json                   the assembled ensemble: expert and router checkpoints, cluster sizes
+
+The run directory is any storage URI (a local folder, s3://...). Because every step reads and
+writes only there, a step can run on another machine or cluster, be repeated, or be resumed:
+`prepare` refuses a directory that holds a different run, `partition` is skipped when done, and
+training resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from archipelago.domains import domain_class, domain_reference
+from archipelago.experts import storage
+from archipelago.experts.checkpoint import latest_checkpoint, load_checkpoint
+from archipelago.experts.denoiser import Denoiser
+from archipelago.experts.domain import Domain
+from archipelago.experts.training import ExpertConfig, OnLog, TrainResult, derive_seed, train_expert
+from archipelago.platform.config import RunConfig, identity_diff, validate_domain
+from archipelago.router.partition import kmeans_partition
+from archipelago.router.training import Router, RouterConfig, train_router
+
+RUN_FILE, DOMAIN_FILE, PARTITION_FILE, ENSEMBLE_FILE = "run.json", "domain.json", "partition.json", "ensemble.json"
+
+
+class RunConflict(ValueError):
+    """The run directory already holds a different run."""
+
+
+def expert_dir(run_dir: str, k: int) -> str:
+    return storage.join(run_dir, "experts", f"expert-{k}")
+
+
+def router_dir(run_dir: str) -> str:
+    return storage.join(run_dir, "router")
+
+
+def _write_table(uri: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def _read_table(uri: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+
+
+def load_config(run_dir: str) -> RunConfig:
+    uri = storage.join(run_dir, RUN_FILE)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no {RUN_FILE})")
+    return RunConfig(**storage.read_json(uri)["config"])
+
+
+def load_domain(run_dir: str) -> Domain:
+    saved = storage.read_json(storage.join(run_dir, DOMAIN_FILE))
+    return domain_class(saved["domain"]).from_config(saved["config"])
+
+
+def check_run_dir(config: RunConfig, run_dir: str) -> bool:
+    """True when run_dir already holds this run; raise RunConflict when it holds another."""
+    uri = storage.join(run_dir, RUN_FILE)
+    if not storage.exists(uri):
+        if storage.list_dir(run_dir):
+            raise RunConflict(f"{run_dir} is not empty and holds no {RUN_FILE}: choose an empty or new directory")
+        return False
+    differing = identity_diff(storage.read_json(uri)["config"], config.model_dump(mode="json"))
+    if differing:
+        raise RunConflict(
+            f"{run_dir} already holds a different run (differs in {', '.join(differing)}); choose another run directory"
+        )
+    return True
+
+
+def prepare(config: RunConfig, run_dir: str, source: Any = None, domain: Domain | None = None) -> Domain:
+    """Validate everything, ingest in memory, then write run.json, domain.json and the records.
+
+    Nothing is written before the config, the domain and the data have passed their checks.
+    """
+    domain = domain or validate_domain(config)
+    exists = check_run_dir(config, run_dir)
+    if exists and storage.exists(storage.join(run_dir, "records", "part-0.parquet")):
+        return load_domain(run_dir)
+    source = source if source is not None else config.data
+    if source is None:
+        raise ValueError("no data: give a source (a path, 'sines:N', a DataFrame or an array)")
+    table = domain.ingest(source)
+    if config.experts > table.num_rows:
+        raise ValueError(f"experts={config.experts} is larger than the {table.num_rows} records of the data")
+    storage.write_json(storage.join(run_dir, RUN_FILE), {"config": config.model_dump(mode="json")})
+    storage.write_json(
+        storage.join(run_dir, DOMAIN_FILE), {"domain": domain_reference(domain), "config": domain.to_config()}
+    )
+    _write_table(storage.join(run_dir, "records", "part-0.parquet"), table)
+    return domain
+
+
+def partition(run_dir: str) -> dict[str, Any]:
+    """Cluster the records into K partitions and write them hive-partitioned by expert."""
+    done = storage.join(run_dir, PARTITION_FILE)
+    if storage.exists(done):
+        return storage.read_json(done)
+    config, domain = load_config(run_dir), load_domain(run_dir)
+    records = _read_table(storage.join(run_dir, "records", "part-0.parquet"))
+    p = kmeans_partition(
+        domain.features(records),
+        config.experts,
+        seed=config.seed,
+        balanced=config.partition.balanced,
+        slack=config.partition.slack,
+        min_size=config.partition.min_size,
+    )
+    for k in range(config.experts):
+        _write_table(
+            storage.join(run_dir, "data", f"expert={k}", "part-0.parquet"), records.filter(pa.array(p.labels == k))
+        )
+    summary = {
+        **p.to_dict(),
+        "data_fingerprint": domain.samples(records).fingerprint(),
+        "features": f"{domain.name}.features",
+    }
+    storage.write_json(done, summary)
+    return summary
+
+
+def expert_records(run_dir: str, k: int) -> pa.Table:
+    """The records of partition k only."""
+    return _read_table(storage.join(run_dir, "data", f"expert={k}", "part-0.parquet"))
+
+
+def train_expert_step(run_dir: str, k: int, on_log: OnLog | None = None) -> TrainResult:
+    """Train (or resume) expert k on its own partition."""
+    config, domain = load_config(run_dir), load_domain(run_dir)
+    if not 0 <= k < config.experts:
+        raise ValueError(f"expert {k} does not exist: the run has experts 0..{config.experts - 1}")
+    train = config.expert.model_copy(update={"seed": derive_seed(config.seed, "expert", k)})
+    expert = ExpertConfig(partition=k, prediction=config.prediction, train=train)
+    return train_expert(expert, domain, domain.samples(expert_records(run_dir, k)), expert_dir(run_dir, k), on_log)
+
+
+def train_router_step(run_dir: str, on_log: OnLog | None = None) -> TrainResult:
+    """Train (or resume) the router on every partition's records with their cluster labels."""
+    config, domain = load_config(run_dir), load_domain(run_dir)
+    tables = [expert_records(run_dir, k) for k in range(config.experts)]
+    labels = torch.cat([torch.full((t.num_rows,), k) for k, t in enumerate(tables)])
+    train = config.router.model_copy(update={"seed": derive_seed(config.seed, "router")})
+    return train_router(
+        RouterConfig(num_experts=config.experts, train=train),
+        domain,
+        domain.samples(pa.concat_tables(tables)),
+        labels,
+        router_dir(run_dir),
+        on_log,
+    )
+
+
+def assemble(run_dir: str) -> dict[str, Any]:
+    """Write ensemble.json from the experts' and the router's final checkpoints."""
+    config = load_config(run_dir)
+    experts = [latest_checkpoint(expert_dir(run_dir, k)) for k in range(config.experts)]
+    missing = [k for k, uri in enumerate(experts) if uri is None]
+    if missing:
+        raise FileNotFoundError(f"experts {missing} of {run_dir} have no checkpoint: train them first")
+    router = latest_checkpoint(router_dir(run_dir))
+    sizes = storage.read_json(storage.join(run_dir, PARTITION_FILE))["sizes"]
+    ensemble = {
+        "experts": [uri.rsplit("/", 3)[-3:] for uri in experts],
+        "cluster_sizes": sizes,
+        "router": router.rsplit("/", 2)[-2:] if router else None,
+    }
+    storage.write_json(storage.join(run_dir, ENSEMBLE_FILE), ensemble)
+    return ensemble
+
+
+@dataclass(frozen=True)
+class LoadedEnsemble:
+    """A run's domain, experts (EMA weights), router and cluster sizes, ready to sample."""
+
+    domain: Domain
+    experts: list[Denoiser]
+    router: Router | None
+    cluster_sizes: list[int]
+
+
+def _ema_weights(uri: str) -> dict[str, torch.Tensor]:
+    return {k[4:]: v for k, v in load_checkpoint(uri, with_state=False).model.items() if k.startswith("ema.")}
+
+
+def load_ensemble(run_dir: str, device: str | torch.device = "cpu") -> LoadedEnsemble:
+    """Rebuild the assembled ensemble from the run directory."""
+    uri = storage.join(run_dir, ENSEMBLE_FILE)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{run_dir} has no {ENSEMBLE_FILE}: the run is not assembled yet")
+    saved, domain, config = storage.read_json(uri), load_domain(run_dir), load_config(run_dir)
+    experts = []
+    for parts in saved["experts"]:
+        net = domain.denoiser_network()
+        net.load_state_dict(_ema_weights(storage.join(run_dir, *parts)))
+        experts.append(Denoiser(net, domain.fields, config.prediction).to(device).eval())
+    router = None
+    if saved["router"] is not None:
+        router = Router(domain.router_network(config.experts), domain.fields)
+        router.load_state_dict(_ema_weights(storage.join(run_dir, *saved["router"])))
+        router = router.to(device).eval()
+    return LoadedEnsemble(domain=domain, experts=experts, router=router, cluster_sizes=saved["cluster_sizes"])
