@@ -189,9 +189,10 @@ class MinMaxScaler:
         return (np.asarray(values, dtype=np.float64) - low) / span
 
     def inverse_transform(self, values: np.ndarray) -> np.ndarray:
-        """Scaled values [..., C] -> raw values, float64."""
+        """Scaled values [..., C] -> raw values, float64; a constant channel decodes to its constant."""
         low, span = self._low_span(values)
-        return np.asarray(values, dtype=np.float64) * span + low
+        constant = np.array(self.minimum) == np.array(self.maximum)
+        return np.where(constant, low, np.asarray(values, dtype=np.float64) * span + low)
 
     def to_dict(self) -> dict[str, list]:
         """JSON-safe form."""

@@ -1,0 +1,118 @@
+"""Ray job submission: run an Archipelago command on a cluster, at most once per config.
+
+A job is a shell command (for example `archipelago train run.yaml`) that Ray runs on the head node
+of a cluster with the local working directory uploaded beside it; its address is the dashboard's
+HTTP address (`http://<head>:8265`), not the GCS address that `islands.connect` takes.
+
+The submission id is a short hash of the resolved config (`submission_id_for`), so submitting the
+same config twice returns the job already on the cluster instead of starting a second copy. A Ray
+cluster never reuses a submission id: to rerun a config whose job failed, delete that job first
+(`ray job delete <id>`) or change the config.
+
+Authentication follows `archipelago.platform.islands`: token mode unless RAY_AUTH_MODE says
+otherwise, with the token from ~/.ray/auth_token (or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH). The
+equivalent CLI is `RAY_AUTH_MODE=token ray job submit --address http://<head>:8265
+--submission-id <id> --working-dir . -- <command>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shlex
+import time
+from collections.abc import Sequence
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from archipelago.platform.islands import use_token_auth
+
+# gitignore-style patterns never uploaded with a working directory: history, run outputs,
+# tracking stores, environments, caches and weights.
+DEFAULT_EXCLUDES = (
+    ".git",
+    "runs/",
+    "mlruns/",
+    "mlflow.db",
+    ".venv/",
+    "venv/",
+    "__pycache__/",
+    "*.safetensors",
+    "*.ckpt",
+    "build/",
+    "dist/",
+    "*.egg-info/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+)
+_POLL_S = 0.5
+_LOG_TAIL_CHARS = 4000
+
+logger = logging.getLogger(__name__)
+
+
+def submission_id_for(config: dict) -> str:
+    """A deterministic submission id: a short hash of the config's canonical JSON."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return "archipelago-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def submit_job(
+    address: str,
+    entrypoint: list[str],
+    working_dir: str,
+    env_vars: dict[str, str],
+    submission_id: str,
+    excludes: Sequence[str] = (),
+) -> str:
+    """Submit `entrypoint` as a Ray job, unless a job with `submission_id` exists; return the id.
+
+    `excludes` are gitignore-style patterns added to DEFAULT_EXCLUDES.
+    """
+    client = _client(address)
+    if _exists(client, submission_id):
+        logger.info("job %s already exists on %s; not submitting it again", submission_id, address)
+        return submission_id
+    runtime_env = {
+        "working_dir": working_dir,
+        "excludes": [*DEFAULT_EXCLUDES, *excludes],
+        "env_vars": dict(env_vars),
+    }
+    try:
+        return client.submit_job(
+            entrypoint=shlex.join(entrypoint), submission_id=submission_id, runtime_env=runtime_env
+        )
+    except RuntimeError:
+        if _exists(client, submission_id):  # another submitter won the race
+            return submission_id
+        raise
+
+
+def wait_job(address: str, submission_id: str, timeout_s: float) -> str:
+    """Wait for the job to finish and return its final status (SUCCEEDED, FAILED or STOPPED).
+
+    On any status but SUCCEEDED the tail of the job's logs is logged as an error. Raises
+    TimeoutError naming the job and its last status after `timeout_s` seconds.
+    """
+    client = _client(address)
+    deadline = time.monotonic() + timeout_s
+    status = client.get_job_status(submission_id)
+    while not status.is_terminal():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"job {submission_id!r} still {status.value} after {timeout_s:g} s")
+        time.sleep(_POLL_S)
+        status = client.get_job_status(submission_id)
+    if status != JobStatus.SUCCEEDED:
+        logs = client.get_job_logs(submission_id)[-_LOG_TAIL_CHARS:]
+        logger.error("job %s ended %s; its logs end with:\n%s", submission_id, status.value, logs)
+    return status.value
+
+
+def _client(address: str) -> JobSubmissionClient:
+    use_token_auth()
+    return JobSubmissionClient(address)
+
+
+def _exists(client: JobSubmissionClient, submission_id: str) -> bool:
+    return any(job.submission_id == submission_id for job in client.list_jobs())

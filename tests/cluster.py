@@ -1,0 +1,132 @@
+"""A real two-node Ray cluster on this machine for tests: island "a" (head) and island "b".
+
+Each node is one `ray start --block` process started in its own session, with its own short
+--temp-dir (Unix socket paths must stay under ~107 characters) and its own free ports, so the
+cluster neither touches nor is touched by the embedded Ray of the `ray_local` fixture or by other
+Ray instances on the machine. A pytest process can be connected to only one Ray cluster, so tests
+talk to this one from subprocess drivers (`python -c ...` calling `islands.connect(address)`) and
+through job submission over HTTP, while their own process stays on `ray_local`.
+
+Authentication follows `archipelago.platform.islands.use_token_auth`: the nodes inherit
+RAY_AUTH_MODE=token (unless it is set otherwise) and share the token in ~/.ray/auth_token.
+Stopping signals each `ray start --block` process, which shuts its node down, then kills whatever
+is left of the process groups it started; nothing else is touched (never `ray stop`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.util.state import list_nodes
+
+from archipelago.platform.islands import use_token_auth
+
+RAY_CLI = str(Path(sys.executable).with_name("ray"))
+START_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class TwoNodeCluster:
+    address: str  # GCS host:port, for islands.connect
+    dashboard_url: str  # http://host:port, for job submission
+    logs: tuple[Path, Path]  # the output of the head's and of the worker's `ray start`
+
+
+@contextmanager
+def two_node_cluster(tmp_path: Path) -> Iterator[TwoNodeCluster]:
+    """Start a head on island "a" and a worker on island "b"; stop exactly those at exit."""
+    use_token_auth()
+    env = dict(os.environ)
+    if env.get("RAY_AUTH_MODE") == "token":  # `ray start --head` never creates a token itself
+        subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    address, dashboard_url = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
+    head_args = ["--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1"]
+    head_args += ["--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(_free_port())]
+    logs = (tmp_path / "head.log", tmp_path / "worker.log")
+    with ExitStack() as stack:
+        head = stack.enter_context(_node("a", head_args, logs[0], env))
+        _wait_for_port(gcs_port, head, logs[0])
+        worker = stack.enter_context(_node("b", ["--address", address], logs[1], env))
+        _wait_for_islands(dashboard_url, {"a", "b"}, [(head, logs[0]), (worker, logs[1])])
+        yield TwoNodeCluster(address, dashboard_url, logs)
+
+
+@contextmanager
+def _node(island: str, args: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """One `ray start --block` node with its own temp dir, ports and island label."""
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    command = [RAY_CLI, "start", "--block", *args, "--node-ip-address", "127.0.0.1"]
+    command += ["--temp-dir", temp_dir, "--num-cpus", "1", "--labels", f"island={island}"]
+    command += ["--dashboard-agent-listen-port", str(_free_port())]
+    command += ["--metrics-export-port", str(_free_port()), "--disable-usage-stats"]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield process
+    finally:
+        _stop(process)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ask `ray start --block` to shut its node down, then kill what is left of its group."""
+    process.terminate()
+    with suppress(subprocess.TimeoutExpired):
+        process.wait(STOP_TIMEOUT_S)
+    with suppress(ProcessLookupError):  # start_new_session: the group id is the leader's pid
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        _check_running(process, log)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"the head's GCS port {port} did not open in {START_TIMEOUT_S:g} s; see {log}")
+
+
+def _wait_for_islands(dashboard_url: str, islands: set[str], nodes: list[tuple[subprocess.Popen, Path]]) -> None:
+    """Poll the state API until every island has an alive node."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    seen: object = "nothing yet"
+    while time.monotonic() < deadline:
+        for process, log in nodes:
+            _check_running(process, log)
+        try:
+            alive = list_nodes(address=dashboard_url, filters=[("state", "=", "ALIVE")], timeout=5)
+            seen = {node.labels.get("island") for node in alive}
+            if islands <= seen:
+                return
+        except Exception as err:  # the dashboard answers only once it is up
+            seen = err
+        time.sleep(0.5)
+    raise TimeoutError(f"islands {sorted(islands)} not all alive after {START_TIMEOUT_S:g} s; last saw {seen}")
+
+
+def _check_running(process: subprocess.Popen, log: Path) -> None:
+    if process.poll() is not None:
+        raise RuntimeError(f"`ray start` exited with {process.returncode}:\n{log.read_text()[-3000:]}")

@@ -1,0 +1,29 @@
+"""Shared pytest fixtures; each fixture is its own section, append new ones below."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from archipelago.platform import islands
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+# --- Ray: one embedded local instance shared by the whole test session --------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """Connect this process to an embedded local Ray (2 CPUs) once; shut it down at the end.
+
+    Workers get the tests folder on PYTHONPATH, so plain functions defined in test modules
+    (pickled by reference) import there too.
+    """
+    pythonpath = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
+    islands.connect("local", runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, num_cpus=2)
+    yield
+    islands.disconnect()
