@@ -8,6 +8,7 @@ is atomic by nature.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -25,7 +26,22 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 
 def join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *parts])
+    """`uri` extended by path parts; a URI's query (s3://bucket/run?endpoint_override=...) stays at the end."""
+    base, query = _split_query(uri)
+    return "/".join([base.rstrip("/"), *parts]) + query
+
+
+def base_name(uri: str) -> str:
+    """The last path component of a URI or path (without the URI's query)."""
+    return _split_query(uri)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def _split_query(uri: str) -> tuple[str, str]:
+    """A URI's path part and its query ("?..." or ""); a local path has no query."""
+    if "://" not in uri:
+        return uri, ""
+    base, mark, query = uri.partition("?")
+    return base, mark + query
 
 
 def exists(uri: str) -> bool:
@@ -76,3 +92,32 @@ def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
+
+
+def check_writable(uri: str) -> None:
+    """Raise PermissionError naming `uri` unless a file can be created there.
+
+    Nothing is left behind: the probe file is removed, and so are the local folders created for it
+    (empty ones only, so a folder another process wrote into meanwhile stays).
+    """
+    fs, path = resolve(uri)
+    created = _missing_folders(path) if isinstance(fs, pafs.LocalFileSystem) else []
+    probe = join(uri, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes(probe, b"")
+        fs.delete_file(resolve(probe)[1])
+    except OSError as error:
+        raise PermissionError(f"cannot write to the run directory {uri}: {error}") from error
+    finally:
+        for folder in created:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def _missing_folders(path: str) -> list[str]:
+    """`path` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing

@@ -230,11 +230,12 @@ def _cause(err: RayError) -> BaseException:
 
 
 def current_placement() -> dict[str, Any]:
-    """Inside a task: where it runs, as {"node_id", "island", "hostname", "pid"}."""
-    context = ray.get_runtime_context()
+    """Inside a task: where it runs, as {"node_id", "island", "hostname", "pid"} (no node or island
+    when called outside Ray)."""
+    context = ray.get_runtime_context() if ray.is_initialized() else None
     return {
-        "node_id": context.get_node_id(),
-        "island": context.get_node_labels().get(ISLAND_LABEL),
+        "node_id": context.get_node_id() if context else None,
+        "island": context.get_node_labels().get(ISLAND_LABEL) if context else None,
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
     }

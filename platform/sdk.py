@@ -7,7 +7,8 @@
     out = run.sample(1000, strategy="top1", solver="heun", steps=50)
     scores = run.evaluate(out)                          # against the run's own records by default
 
-`fit` runs the steps of `archipelago.platform.steps` in this process, in order, each resumable.
+`fit` runs the steps of `archipelago.platform.steps` in this process (or on Ray with `ray=`),
+each resumable.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from archipelago.domains import domain_reference
 from archipelago.experts import storage
 from archipelago.experts.batch import Batch
 from archipelago.experts.domain import Domain
-from archipelago.experts.training import OnLog
-from archipelago.platform import steps
+from archipelago.platform import runner, steps
 from archipelago.platform.config import RunConfig
+from archipelago.platform.runner import Launch
 from archipelago.router.sampling import sample_ensemble
 
 
@@ -87,42 +88,30 @@ class Run:
         return self.domain.evaluate(table, generated.batch, **options)
 
 
-def fit(
-    data: Any,
-    run_dir: str,
-    domain: str | Domain = "timeseries",
-    experts: int = 4,
-    *,
-    expert: dict[str, Any] | None = None,
-    router: dict[str, Any] | None = None,
-    on_log: OnLog | None = None,
-    **settings: Any,
-) -> Run:
-    """Fit K experts and a router on `data` in this process and return the run.
+def fit(data: Any, run_dir: str, domain: str | Domain = "timeseries", experts: int = 4, *,
+        expert: dict[str, Any] | None = None, router: dict[str, Any] | None = None,
+        ray: bool | str = False, tracking: bool | str = False, **settings: Any) -> Run:
+    """Fit K experts and a router on `data` and return the run.
 
     `data` is anything the domain reads (for time series: a CSV/Parquet path, a DataFrame, an
     array, or "sines:N"); `domain` is a built-in name or a Domain instance; `expert` and `router`
     override their TrainConfig fields; other settings are RunConfig fields (seed, prediction,
-    partition, domain_config). Re-running with the same arguments resumes where it stopped.
+    partition, placement, domain_config). `ray=False` trains in this process; `ray=True` on Ray
+    (RAY_ADDRESS, else an embedded instance); `ray="host:port"` on that cluster. `tracking=True`
+    logs to MLflow's default store, `tracking="<uri>"` to that server. Re-running with the same
+    arguments resumes where it stopped.
     """
     instance = domain if isinstance(domain, Domain) else None
     config = RunConfig(
         domain=domain_reference(instance) if instance else domain,
         domain_config=instance.to_config() if instance else settings.pop("domain_config", {}),
         data=data if isinstance(data, str) else None,
-        experts=experts,
-        expert=expert or {},
-        router=router or {},
-        **settings,
+        experts=experts, expert=expert or {}, router=router or {}, **settings,
     )
-    run_dir = str(run_dir)
-    steps.prepare(config, run_dir, source=data, domain=instance)
-    steps.partition(run_dir)
-    for k in range(config.experts):
-        steps.train_expert_step(run_dir, k, on_log)
-    steps.train_router_step(run_dir, on_log)
-    steps.assemble(run_dir)
-    return Run(run_dir)
+    launch = Launch(ray=bool(ray), address=ray if isinstance(ray, str) else None, track=bool(tracking),
+                    tracking_uri=tracking if isinstance(tracking, str) else None)
+    result = runner.fit(config, str(run_dir), source=data, domain=instance, launch=launch)
+    return Run(result.run_dir)
 
 
 def load(run_dir: str) -> Run:

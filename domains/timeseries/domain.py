@@ -145,7 +145,12 @@ class TimeSeriesDomain(Domain):
 
     def evaluate(self, real: pa.Table, generated: Batch, **options: Any) -> dict[str, Any]:
         """Context-FID, correlational, discriminative, predictive, VDS and FDDS (ANCHORS.md), in [0, 1] units."""
-        return metrics.evaluate(data.table_to_windows(real).astype(np.float64), self.scaled(generated), **options)
+        return self.evaluate_windows(data.table_to_windows(real), self.scaled(generated), **options)
+
+    @staticmethod
+    def evaluate_windows(real: np.ndarray, generated: np.ndarray, **options: Any) -> dict[str, Any]:
+        """The metrics of scaled windows [N, L, C] against scaled windows."""
+        return metrics.evaluate(np.asarray(real, dtype=np.float64), np.asarray(generated, dtype=np.float64), **options)
 
     def to_config(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")
