@@ -9,10 +9,12 @@ is atomic by nature.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -22,7 +24,23 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     text = os.fspath(uri)
     if "://" not in text:
         return pafs.LocalFileSystem(), os.path.abspath(text)
-    return pafs.FileSystem.from_uri(text)
+    parts = urlsplit(text)
+    if parts.scheme == "file":
+        return pafs.LocalFileSystem(), parts.path
+    # Building an object-store filesystem costs tens of milliseconds: reuse one per bucket and options.
+    base = f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else "")
+    fs, root = _filesystem(base, tuple(os.environ.get(name) for name in _FILESYSTEM_ENV))
+    return fs, f"{root.rstrip('/')}/{parts.path.lstrip('/')}" if parts.path.strip("/") else root
+
+
+# The environment that object-store clients read; a cached filesystem is only reused under the same values.
+_FILESYSTEM_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                   "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+
+
+@functools.lru_cache(maxsize=32)
+def _filesystem(base: str, environment: tuple[str | None, ...]) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(base)
 
 
 def join(uri: str, *parts: str) -> str:

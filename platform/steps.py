@@ -32,7 +32,7 @@ from archipelago.experts.denoiser import Denoiser
 from archipelago.experts.domain import Domain
 from archipelago.experts.training import ExpertConfig, OnLog, TrainResult, derive_seed, train_expert
 from archipelago.platform.config import RunConfig, identity_diff, validate_domain
-from archipelago.router.partition import kmeans_partition
+from archipelago.router.partition import Partition, kmeans_partition
 from archipelago.router.training import Router, RouterConfig, train_router
 
 RUN_FILE, DOMAIN_FILE, PARTITION_FILE, ENSEMBLE_FILE = "run.json", "domain.json", "partition.json", "ensemble.json"
@@ -88,54 +88,56 @@ def check_run_dir(config: RunConfig, run_dir: str) -> bool:
 
 
 def prepare(config: RunConfig, run_dir: str, source: Any = None, domain: Domain | None = None) -> Domain:
-    """Validate everything, ingest in memory, then write run.json, domain.json and the records.
+    """Ingest and partition in memory, then write run.json, domain.json, the records and the partitions.
 
-    Nothing is written before the config, the domain and the data have passed their checks.
+    Nothing is written before the config, the domain, the data and the clustering have passed
+    their checks; a run directory that already holds this run is left as it is.
     """
     domain = domain or validate_domain(config)
     exists = check_run_dir(config, run_dir)
-    if exists and storage.exists(storage.join(run_dir, "records", "part-0.parquet")):
+    if exists and storage.exists(storage.join(run_dir, PARTITION_FILE)):
         return load_domain(run_dir)
     source = source if source is not None else config.data
     if source is None:
         raise ValueError("no data: give a source (a path, 'sines:N', a DataFrame or an array)")
-    table = domain.ingest(source)
-    if config.experts > table.num_rows:
-        raise ValueError(f"experts={config.experts} is larger than the {table.num_rows} records of the data")
+    records = domain.ingest(source)
+    if config.experts > records.num_rows:
+        raise ValueError(f"experts={config.experts} is larger than the {records.num_rows} records of the data")
+    clusters = _cluster(config, domain, records)
     storage.write_json(storage.join(run_dir, RUN_FILE), {"config": config.model_dump(mode="json")})
     storage.write_json(
         storage.join(run_dir, DOMAIN_FILE), {"domain": domain_reference(domain), "config": domain.to_config()}
     )
-    _write_table(storage.join(run_dir, "records", "part-0.parquet"), table)
+    _write_table(storage.join(run_dir, "records", "part-0.parquet"), records)
+    _write_partition(run_dir, domain, records, clusters)
     return domain
 
 
+def _cluster(config: RunConfig, domain: Domain, records: pa.Table) -> Partition:
+    p = config.partition
+    return kmeans_partition(domain.features(records), config.experts, seed=config.seed, balanced=p.balanced,
+                            slack=p.slack, min_size=p.min_size)
+
+
+def _write_partition(run_dir: str, domain: Domain, records: pa.Table, clusters: Partition) -> dict[str, Any]:
+    """Write data/expert=<k>/ for every cluster, then partition.json (which marks the step done)."""
+    for k in range(len(clusters.centroids)):
+        _write_table(storage.join(run_dir, "data", f"expert={k}", "part-0.parquet"),
+                     records.filter(pa.array(clusters.labels == k)))
+    summary = {**clusters.to_dict(), "data_fingerprint": domain.samples(records).fingerprint(),
+               "features": f"{domain.name}.features"}
+    storage.write_json(storage.join(run_dir, PARTITION_FILE), summary)
+    return summary
+
+
 def partition(run_dir: str) -> dict[str, Any]:
-    """Cluster the records into K partitions and write them hive-partitioned by expert."""
+    """The partition summary; clusters the records (and writes them by expert) if not done yet."""
     done = storage.join(run_dir, PARTITION_FILE)
     if storage.exists(done):
         return storage.read_json(done)
     config, domain = load_config(run_dir), load_domain(run_dir)
     records = _read_table(storage.join(run_dir, "records", "part-0.parquet"))
-    p = kmeans_partition(
-        domain.features(records),
-        config.experts,
-        seed=config.seed,
-        balanced=config.partition.balanced,
-        slack=config.partition.slack,
-        min_size=config.partition.min_size,
-    )
-    for k in range(config.experts):
-        _write_table(
-            storage.join(run_dir, "data", f"expert={k}", "part-0.parquet"), records.filter(pa.array(p.labels == k))
-        )
-    summary = {
-        **p.to_dict(),
-        "data_fingerprint": domain.samples(records).fingerprint(),
-        "features": f"{domain.name}.features",
-    }
-    storage.write_json(done, summary)
-    return summary
+    return _write_partition(run_dir, domain, records, _cluster(config, domain, records))
 
 
 def expert_records(run_dir: str, k: int) -> pa.Table:
@@ -179,9 +181,9 @@ def assemble(run_dir: str) -> dict[str, Any]:
     router = latest_checkpoint(router_dir(run_dir))
     sizes = storage.read_json(storage.join(run_dir, PARTITION_FILE))["sizes"]
     ensemble = {
-        "experts": [uri.rsplit("/", 3)[-3:] for uri in experts],
+        "experts": [["experts", f"expert-{k}", storage.base_name(uri)] for k, uri in enumerate(experts)],
         "cluster_sizes": sizes,
-        "router": router.rsplit("/", 2)[-2:] if router else None,
+        "router": ["router", storage.base_name(router)] if router else None,
     }
     storage.write_json(storage.join(run_dir, ENSEMBLE_FILE), ensemble)
     return ensemble

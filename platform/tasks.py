@@ -3,7 +3,7 @@
 Each training task opens its own MLflow child run under the fit's parent run (through the
 tracking URI it is given, never through inherited global state), tags it with where it runs,
 streams the training metrics into it, and leaves a log line saying whether it resumed from a
-checkpoint. A retried task (after its worker died) reuses its child run.
+checkpoint. A retried task (after its worker died) reopens the child run of its earlier attempt.
 """
 
 from __future__ import annotations

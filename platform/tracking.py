@@ -228,14 +228,25 @@ class ChildRun:
         flush_s: float = 30.0,
     ) -> None:
         self._client = mlflow.MlflowClient(uri)
-        parent = self._client.get_run(parent_id)
-        run = self._client.create_run(
-            parent.info.experiment_id, run_name=name, tags=_tag_values({**(tags or {}), PARENT_TAG: parent_id})
-        )
-        self.run_id: str = run.info.run_id
+        experiment = self._client.get_run(parent_id).info.experiment_id
+        all_tags = _tag_values({**(tags or {}), PARENT_TAG: parent_id})
+        self.run_id: str = self._earlier_attempt(experiment, parent_id, name) or self._client.create_run(
+            experiment, run_name=name, tags=all_tags
+        ).info.run_id
+        self.set_tags(all_tags)
         self._flush_every, self._flush_s = flush_every, flush_s
         self._pending: list[Metric] = []
         self._calls, self._last_flush = 0, time.monotonic()
+
+    def _earlier_attempt(self, experiment: str, parent_id: str, name: str) -> str | None:
+        """The child run an earlier attempt of this task left behind (its worker died), reopened."""
+        found = self._client.search_runs(
+            [experiment], f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.run_name = '{name}'", max_results=1
+        )
+        if not found:
+            return None
+        self._client.update_run(found[0].info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return found[0].info.run_id
 
     def __enter__(self) -> ChildRun:
         return self

@@ -92,8 +92,6 @@ def kmeans_partition(features: np.ndarray, k: int, seed: int = 0, balanced: bool
     sizes = np.bincount(labels, minlength=k)
     if sizes.min() < min_size:
         small = int(sizes.argmin())
-        raise PartitionError(
-            f"cluster {small} has {sizes[small]} samples (< min_size={min_size}); use fewer clusters than K={k} "
-            "or balanced=True"
-        )
+        hint = "use fewer clusters" if balanced else "use fewer clusters or balanced=True"
+        raise PartitionError(f"cluster {small} has {sizes[small]} samples (< min_size={min_size}) with K={k}: {hint}")
     return Partition(labels=labels, centroids=centroids, mean=mean, scale=scale)

@@ -27,3 +27,12 @@ def ray_local() -> Iterator[None]:
     islands.connect("local", runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, num_cpus=2)
     yield
     islands.disconnect()
+
+
+# --- markers -------------------------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`cluster`: the test starts a real multi-node Ray cluster on this machine (slow; deselect
+    with -m "not cluster")."""
+    config.addinivalue_line("markers", "cluster: starts a real multi-node Ray cluster on this machine (slow)")

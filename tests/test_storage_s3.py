@@ -1,0 +1,139 @@
+"""Storage, checkpoints and a whole fit on s3:// against a local S3-compatible server (moto).
+
+The server runs in a thread of this process on 127.0.0.1. Its endpoint reaches pyarrow in the two
+ways a user can give it: in the URI's query (`s3://bucket/run?endpoint_override=host:port&scheme=http`,
+kept at the end of every joined URI) or in the environment (`AWS_ENDPOINT_URL_S3`). Credentials and
+the endpoint are set with monkeypatch, so no AWS variable outlives a test.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import boto3
+import pytest
+import torch
+from moto.server import ThreadedMotoServer
+
+from archipelago.experts import storage
+from archipelago.experts.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+BUCKET = "archipelago-test"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+TINY = {"steps": 6, "batch_size": 8, "warmup_steps": 2, "checkpoint_every": 3, "progress": False}
+DOMAIN = {"window": 8, "width": 16, "depth": 1, "heads": 2, "router_width": 16, "router_depth": 1}
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    """host:port of a moto S3 server holding an empty bucket."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://{host}:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    client.create_bucket(Bucket=BUCKET)
+    yield f"{host}:{port}"
+    server.stop()
+
+
+def uri_maker(endpoint: str, form: str, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], str]:
+    """Set test credentials and return a builder of s3:// URIs under a fresh prefix, with the
+    endpoint in the URI's query ("query") or in the environment ("env")."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    prefix = f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}"
+    if form == "env":
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://{endpoint}")
+        return lambda path: f"{prefix}/{path}"
+    return lambda path: f"{prefix}/{path}?endpoint_override={endpoint}&scheme=http"
+
+
+@pytest.fixture(params=["query", "env"])
+def s3_uri(request, endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], str]:
+    return uri_maker(endpoint, request.param, monkeypatch)
+
+
+def test_join_keeps_the_query_at_the_end() -> None:
+    uri = "s3://b/run?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert (
+        storage.join(uri, "experts", "expert-0")
+        == "s3://b/run/experts/expert-0?endpoint_override=127.0.0.1:9000&scheme=http"
+    )
+    assert storage.base_name(storage.join(uri, "step-00000010")) == "step-00000010"
+    assert storage.join("/tmp/a?b", "c") == "/tmp/a?b/c"  # a local path has no query
+
+
+def test_bytes_and_json_round_trip(s3_uri: Callable[[str], str]) -> None:
+    root = s3_uri("store")
+    storage.write_bytes(storage.join(root, "a", "blob.bin"), b"\x00\x01first")
+    storage.write_bytes(storage.join(root, "a", "blob.bin"), b"\x00\x01second")  # overwrite in one PUT
+    storage.write_json(storage.join(root, "meta.json"), {"step": 3, "names": ["x"]})
+    assert storage.read_bytes(storage.join(root, "a", "blob.bin")) == b"\x00\x01second"
+    assert storage.read_json(storage.join(root, "meta.json")) == {"names": ["x"], "step": 3}
+    assert storage.list_dir(root) == ["a", "meta.json"]
+    assert storage.list_dir(storage.join(root, "a")) == ["blob.bin"]  # no temporary names left behind
+    assert storage.exists(storage.join(root, "a")) and storage.exists(storage.join(root, "meta.json"))
+    assert not storage.exists(storage.join(root, "missing.json"))
+    assert storage.list_dir(storage.join(root, "nowhere")) == []
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        storage.read_bytes(storage.join(root, "missing.json"))
+    storage.check_writable(root)
+    assert storage.list_dir(root) == ["a", "meta.json"]  # the probe is gone
+    storage.delete_dir(root)
+    assert not storage.exists(storage.join(root, "meta.json")) and storage.list_dir(root) == []
+    storage.delete_dir(root)  # deleting what is gone is a no-op
+
+
+def test_checkpoints_save_load_and_latest(s3_uri: Callable[[str], str]) -> None:
+    folder = s3_uri("experts/expert-0")
+    assert latest_checkpoint(folder) is None
+    weights = {"model.w": torch.arange(6.0).reshape(2, 3), "ema.w": torch.ones(2, 3)}
+    state = {"rng.data": torch.Generator().manual_seed(1).get_state()}
+    for step in (10, 20):
+        save_checkpoint(folder, step, {k: v * step for k, v in weights.items()}, state, {"partition": 0})
+    latest = latest_checkpoint(folder)
+    assert storage.base_name(latest) == "step-00000020"
+    checkpoint = load_checkpoint(latest)
+    assert checkpoint.meta == {"partition": 0, "step": 20}
+    assert torch.equal(checkpoint.model["model.w"], weights["model.w"] * 20)
+    assert torch.equal(checkpoint.state["rng.data"], state["rng.data"])
+    assert load_checkpoint(latest, with_state=False).state == {}
+    assert storage.list_dir(folder) == ["LATEST", "step-00000010", "step-00000020"]
+
+
+def test_a_whole_fit_on_s3_then_load_and_sample(endpoint: str, tmp_path, monkeypatch) -> None:
+    """The endpoint in the query: every URI the steps join and every path ensemble.json keeps must
+    carry it (the environment form is covered by the tests above)."""
+    from archipelago.platform import sdk
+
+    monkeypatch.chdir(tmp_path)  # anything written locally by mistake would land here
+    run_dir = uri_maker(endpoint, "query", monkeypatch)("runs/sines")
+    sdk.fit("sines:60", run_dir, experts=2, expert=TINY, router=TINY, domain_config=DOMAIN)
+    assert storage.list_dir(run_dir) == [
+        "data",
+        "domain.json",
+        "ensemble.json",
+        "experts",
+        "partition.json",
+        "records",
+        "router",
+        "run.json",
+    ]
+    assert storage.read_json(storage.join(run_dir, "ensemble.json"))["experts"] == [
+        ["experts", "expert-0", "step-00000006"],
+        ["experts", "expert-1", "step-00000006"],
+    ]
+    out = sdk.load(run_dir).sample(3, strategy="top1", solver="euler", steps=2)
+    assert out.items.shape == (3, 8, 5)
+    again = sdk.fit("sines:60", run_dir, experts=2, expert=TINY, router=TINY, domain_config=DOMAIN)
+    assert again.run_dir == run_dir  # a second fit finds everything done and resumes
+    assert list(tmp_path.iterdir()) == []
