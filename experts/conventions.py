@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from torch import Tensor
 
 
-class Prediction(str, Enum):
+class Prediction(StrEnum):
     """What a network outputs for a continuous field."""
 
     VELOCITY = "velocity"  # v = d_alpha x_0 + d_sigma eps (eps - x_0 on the linear schedule)

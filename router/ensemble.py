@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from archipelago.experts.batch import Batch, Fields, num_samples, per_row, selec
 from archipelago.router.training import Router
 
 
-class Strategy(str, Enum):
+class Strategy(StrEnum):
     FULL = "full"
     TOPK = "topk"
     TOP1 = "top1"

@@ -47,7 +47,7 @@ def test_every_strategy_samples_valid_point_sets(trained, strategy):
     g = torch.Generator().manual_seed(0)
     template = domain.template(6, g)
     x_1 = draw_prior(domain.fields, template, g)
-    assert (x_1["label"] == 3).all() and ((0 <= x_1["pos"]) & (x_1["pos"] < 1)).all()
+    assert (x_1["label"] == 3).all() and ((x_1["pos"] >= 0) & (x_1["pos"] < 1)).all()
     assignment = None
     if strategy == "sample":
         assignment = draw_assignment(router, x_1, domain.fields, g)
@@ -56,14 +56,15 @@ def test_every_strategy_samples_valid_point_sets(trained, strategy):
     ensemble = Ensemble(experts, router, domain.fields, strategy, top_k=2, assignment=assignment)
     out = integrate(ensemble, x_1, domain.fields, solver="heun", steps=8, generator=g)
     assert torch.equal(out["batch"], template["batch"])
-    assert ((0 <= out["pos"]) & (out["pos"] < 1)).all()
-    assert ((0 <= out["label"]) & (out["label"] < 3)).all()  # every mask revealed by t = 0
+    assert ((out["pos"] >= 0) & (out["pos"] < 1)).all()
+    assert ((out["label"] >= 0) & (out["label"] < 3)).all()  # every mask revealed by t = 0
     sets = domain.decode(out)
     assert [len(p) for p, _ in sets] == torch.bincount(template["batch"]).tolist()
 
 
 def test_select_keeps_ragged_rows_together():
-    batch = {"pos": torch.arange(10.0)[:, None], "label": torch.arange(10), "batch": torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3, 3])}
+    batch = {"pos": torch.arange(10.0)[:, None], "label": torch.arange(10),
+             "batch": torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3, 3])}
     domain = PointSetDomain()
     sub, rows = select(batch, domain.fields, torch.tensor([1, 3]))
     assert sub["batch"].tolist() == [0, 0, 0, 1, 1, 1, 1]

@@ -64,7 +64,8 @@ def test_resume_refuses_other_data(tmp_path, data):
 def test_loss_goes_down_and_logs_reach_the_callback(tmp_path, data):
     domain, samples = data
     logs = []
-    train_expert(config(60, lr=1e-2, log_every=20), domain, samples, str(tmp_path), on_log=lambda s, m: logs.append((s, m)))
+    train_expert(config(60, lr=1e-2, log_every=20), domain, samples, str(tmp_path),
+                 on_log=lambda s, m: logs.append((s, m)))
     assert [s for s, _ in logs] == [20, 40, 60]
     assert set(logs[0][1]) == {"loss", "lr", "samples_per_s", "wall_time"}
     assert logs[-1][1]["loss"] < logs[0][1]["loss"]
