@@ -81,6 +81,8 @@ def fit(config: RunConfig, run_dir: str, source: Any = None, domain: Domain | No
         launch: Launch = Launch()) -> FitResult:
     """Run (or resume) every step of a fit; see the module docstring."""
     run_dir = os.fspath(run_dir)
+    if "://" not in run_dir:  # Ray workers and job nodes resolve relative paths in their own cwd
+        run_dir = os.path.abspath(run_dir)
     domain = preflight(config, run_dir, launch, domain)
     steps.prepare(config, run_dir, source=source, domain=domain)
     steps.partition(run_dir)

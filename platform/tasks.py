@@ -50,6 +50,8 @@ def _tracked(name: str, target: TrackingTarget | None, tags: dict[str, Any], tra
 def train_expert_task(run_dir: str, k: int, target: TrackingTarget | None = None) -> dict[str, Any]:
     """Train (or resume) expert k, tracked as a child run."""
     summary = steps.partition(run_dir)
+    if not 0 <= k < len(summary["sizes"]):
+        raise ValueError(f"expert {k} does not exist: the run has experts 0..{len(summary['sizes']) - 1}")
     tags = {"expert": k, "partition_size": summary["sizes"][k], "data_fingerprint": summary["data_fingerprint"]}
     return _tracked(f"expert-{k}", target, tags, lambda on_log: steps.train_expert_step(run_dir, k, on_log))
 

@@ -1,0 +1,344 @@
+"""The command line, `archipelago`: a whole fit from a YAML file, each step on its own, sampling,
+evaluation, progress read from storage, and submission to a Ray cluster.
+
+    archipelago fit run.yaml                          # Ray embedded, MLflow in ./mlflow.db
+    archipelago fit run.yaml --address 10.0.0.1:6379 --tracking-uri http://mlflow:5000
+    archipelago status --run-dir runs/sines           # while a fit runs anywhere
+    archipelago sample --run-dir runs/sines -n 1000 --strategy top1 --out samples.npy
+    archipelago evaluate --run-dir runs/sines --samples samples.npy --metrics correlational
+    archipelago submit run.yaml --address http://10.0.0.1:8265 --wait
+
+The settings file and its overrides are described in `archipelago.platform.cli_config`. Every
+command takes --help and --dry-run (prints the resolved settings and the plan, writes nothing).
+The step commands (partition, train-expert, train-router, assemble) run one step in this process
+from the run directory, so each can run on any machine that sees the storage.
+
+Exit codes: 0 success; 2 the command line or the settings are wrong (one line naming the key or
+the file; nothing ran); 1 the run could not start or failed (one line: an unreachable Ray address
+or tracking server, an island with no node, an unwritable or conflicting run directory, bad data,
+a failed task, a job that did not succeed). `archipelago --debug ...` raises with the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from archipelago.experts.solvers import SOLVERS
+from archipelago.platform import cli_config, jobs, runner, sdk, steps, tasks, tracking
+from archipelago.platform.cli_config import ConfigError, Settings
+from archipelago.platform.islands import MissingIslandError, TaskFailedError, use_token_auth
+from archipelago.router.ensemble import Strategy
+
+PROG = "archipelago"
+RUNTIME_ERRORS = (OSError, ValueError, MissingIslandError, TaskFailedError)  # exit 1, one line
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --- the commands ---------------------------------------------------------------------------------
+
+
+def fit(args: argparse.Namespace) -> int:
+    s = cli_config.settings_from_args(args, absolute=True)
+    if args.dry_run:
+        return _print_plan(s)
+    result = runner.fit(s.config, s.run_dir, domain=s.domain, launch=s.launch)
+    for task in result.tasks:
+        print(
+            f"{task['name']}: {task['steps']} steps (resumed from {task['resumed_from']}), final loss "
+            f"{task['final_loss']:.4f}, node {task['node_id']}, island {task['island']}"
+        )
+    if result.parent_run_id:
+        print(f"mlflow run: {result.parent_run_id}\nmodel: {result.model_uri}")
+    print(f"run directory: {result.run_dir}\nnext: {PROG} sample --run-dir {result.run_dir} -n 16 --out samples.npy")
+    return 0
+
+
+def partition(args: argparse.Namespace) -> int:
+    """With settings: fit's first step (check everything, ingest and partition, then write the run
+    directory). With only --run-dir: partition a run directory that holds records (done: a no-op)."""
+    prepare = args.config or args.config_json or args.data
+    if not prepare and not args.run_dir:
+        raise ConfigError("partition needs a settings file (or --data) or the --run-dir of a prepared run")
+    s = cli_config.settings_from_args(args, absolute=True) if prepare else None
+    run_dir = s.run_dir if s else args.run_dir
+    if args.dry_run:
+        if s:
+            print(cli_config.to_yaml(s), end="")
+        print(f"# plan\ncheck, ingest and partition into {run_dir}" if s else f"# plan\npartition {run_dir}")
+        return 0
+    if s:
+        local = runner.Launch(ray=False, track=False)
+        steps.prepare(s.config, s.run_dir, domain=runner.preflight(s.config, s.run_dir, local, s.domain))
+    summary = steps.partition(run_dir)
+    print(f"partitioned {run_dir}: cluster sizes {summary['sizes']}")
+    return 0
+
+
+def train_expert(args: argparse.Namespace) -> int:
+    config = steps.load_config(args.run_dir)
+    if not 0 <= args.expert < config.experts:
+        raise ConfigError(f"--expert {args.expert}: the run has experts 0..{config.experts - 1}")
+    folder = steps.expert_dir(args.run_dir, args.expert)
+    if args.dry_run:
+        return _print_step_plan(args, f"train expert {args.expert} for {config.expert.steps} steps into {folder}")
+    _print_report(tasks.train_expert_task(args.run_dir, args.expert, _target(args)))
+    return 0
+
+
+def train_router(args: argparse.Namespace) -> int:
+    config = steps.load_config(args.run_dir)
+    folder = steps.router_dir(args.run_dir)
+    if args.dry_run:
+        return _print_step_plan(args, f"train the router for {config.router.steps} steps into {folder}")
+    _print_report(tasks.train_router_task(args.run_dir, _target(args)))
+    return 0
+
+
+def assemble(args: argparse.Namespace) -> int:
+    steps.load_config(args.run_dir)
+    if args.dry_run:
+        return _print_step_plan(args, f"write {steps.ENSEMBLE_FILE} in {args.run_dir} from the latest checkpoints")
+    target = _target(args)
+    steps.assemble(args.run_dir)
+    print(f"assembled {args.run_dir}")
+    if target:
+        print(f"model: {tracking.log_ensemble_model(target.uri, target.parent_id, args.run_dir, args.register)}")
+    return 0
+
+
+def sample(args: argparse.Namespace) -> int:
+    writer = cli_config.sample_writer(args.out)
+    run = sdk.load(args.run_dir)
+    if args.dry_run:
+        print(
+            f"# plan\nsample {args.n} from {args.run_dir} with strategy {args.strategy}, solver {args.solver}, "
+            f"{args.steps} steps, seed {args.seed}; write {args.out}"
+        )
+        return 0
+    out = run.sample(
+        args.n,
+        strategy=args.strategy,
+        solver=args.solver,
+        steps=args.steps,
+        seed=args.seed,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+    )
+    writer(args.out, out, run.domain)
+    print(
+        f"wrote {args.n} samples to {args.out} ({args.strategy}, {args.solver}, {args.steps} steps); "
+        f"evaluations per sample: {out.expert_calls_per_sample:g} expert, {out.router_calls_per_sample:g} router"
+    )
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    run = sdk.load(args.run_dir)
+    real = args.real or "the run's own records"
+    if args.dry_run:
+        print(
+            f"# plan\nscore {args.samples} against {real} with metrics {args.metrics or 'all'}, "
+            f"{args.repeats} repeats, seed {args.seed}"
+        )
+        return 0
+    generated = cli_config.read_samples(args.samples, run.domain)
+    scores = run.evaluate(generated, real=args.real, metrics=args.metrics, repeats=args.repeats, seed=args.seed)
+    print(cli_config.score_table(scores, as_json=args.json))
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        print(f"# plan\nread run.json, partition.json, checkpoints and ensemble.json of {args.run_dir}")
+        return 0
+    print(cli_config.status_text(cli_config.run_status(args.run_dir), as_json=args.json))
+    return 0
+
+
+def submit(args: argparse.Namespace) -> int:
+    s = cli_config.settings_from_args(args)
+    use_token_auth()
+    job = cli_config.job_for(s, os.environ)
+    working_dir = os.path.abspath(args.working_dir)
+    if "://" not in s.run_dir and not os.path.isabs(s.run_dir):
+        print(
+            f"{PROG}: warning: run_dir {s.run_dir!r} is relative: on the cluster it lands in the job's temporary "
+            "working directory; use shared storage (s3://...) or an absolute shared path",
+            file=sys.stderr,
+        )
+    if not job.env_vars.get(tracking.TRACKING_ENV) and s.launch.track:
+        print(
+            f"{PROG}: warning: no tracking URI: the job will track into mlflow.db in its temporary working "
+            "directory; pass --tracking-uri",
+            file=sys.stderr,
+        )
+    if args.dry_run:
+        print(cli_config.to_yaml(s), end="")
+        print(
+            f"# plan\nsubmission id: {job.submission_id}\naddress: {args.dashboard}\nworking dir: {working_dir} "
+            f"(without {', '.join([*jobs.DEFAULT_EXCLUDES, *args.exclude])})\nentrypoint: {' '.join(job.entrypoint)}"
+            f"\nenv: {job.env_vars}"
+        )
+        return 0
+    submission_id = jobs.submit_job(
+        args.dashboard, job.entrypoint, working_dir, job.env_vars, job.submission_id, excludes=args.exclude
+    )
+    print(submission_id)
+    if not args.wait:
+        return 0
+    final = jobs.wait_job(args.dashboard, submission_id, args.timeout)
+    print(f"job {submission_id}: {final}")
+    return 0 if final == "SUCCEEDED" else 1
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _print_plan(s: Settings) -> int:
+    uri = tracking.resolve_tracking_uri(s.launch.tracking_uri) if s.launch.track else None
+    ray = cli_config.ray_description(s.launch, os.environ.get("RAY_ADDRESS"))
+    print(f"{cli_config.to_yaml(s)}# plan\n{cli_config.fit_plan(s, uri, ray)}")
+    return 0
+
+
+def _print_step_plan(args: argparse.Namespace, what: str) -> int:
+    parent = f"tracked as a child of MLflow run {args.parent_run_id}" if args.parent_run_id else "untracked"
+    print(f"# plan\n{what}, in this process, {parent}")
+    return 0
+
+
+def _target(args: argparse.Namespace) -> tasks.TrackingTarget | None:
+    """The parent run a step reports to (None: untracked)."""
+    if not args.parent_run_id:
+        return None
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    tracking.check_tracking(uri)
+    return tasks.TrackingTarget(uri, args.parent_run_id)
+
+
+def _print_report(report: dict) -> None:
+    print(
+        f"{report['name']}: {report['steps']} steps (resumed from {report['resumed_from']}), "
+        f"final loss {report['final_loss']:.4f}, checkpoint {report['checkpoint']}"
+    )
+
+
+# --- the parser -----------------------------------------------------------------------------------
+
+
+def _run_flags(p: argparse.ArgumentParser, tracked: bool = True) -> None:
+    p.add_argument("--run-dir", required=True, help="the run directory")
+    if tracked:
+        p.add_argument("--parent-run-id", help="track the step as a child of this MLflow run")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description="Decentralized diffusion models: K experts on K islands, one router.")
+    parser.add_argument("--debug", action="store_true", help="raise errors with their traceback")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    dry = Parser(add_help=False)
+    dry.add_argument("--dry-run", action="store_true", help="print the resolved settings and the plan; write nothing")
+
+    def command(handler, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(handler.__name__.replace("_", "-"), parents=[dry], help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    cli_config.settings_flags(command(fit, "Run (or resume) a whole fit: partition, experts and router, assemble."))
+    p = command(
+        partition, "Partition a run's data (given settings: check, ingest and write a new run directory first)."
+    )
+    cli_config.settings_flags(p, ray=False, launch=False)
+    p = command(train_expert, "Train (or resume) one expert in this process.")
+    _run_flags(p)
+    p.add_argument("--expert", type=int, required=True, metavar="K", help="the expert (partition) to train")
+    _run_flags(command(train_router, "Train (or resume) the router in this process."))
+    p = command(assemble, "Write ensemble.json from the latest checkpoints.")
+    _run_flags(p)
+    p.add_argument("--register", metavar="NAME", help="with --parent-run-id: register the logged model as NAME")
+
+    p = command(sample, "Generate samples from an assembled run.")
+    _run_flags(p, tracked=False)
+    p.add_argument("-n", type=positive, default=16, help="number of samples (default 16)")
+    p.add_argument("--strategy", choices=[s.value for s in Strategy], default="top1", help="routing (default top1)")
+    p.add_argument("--solver", choices=sorted(SOLVERS), default="heun", help="ODE solver (default heun)")
+    p.add_argument("--steps", type=positive, default=50, help="solver steps (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--top-k", type=positive, default=2, help="experts per step with --strategy topk (default 2)")
+    p.add_argument("--batch-size", type=positive, default=1024, help="samples generated at once (default 1024)")
+    p.add_argument("--out", required=True, metavar="FILE", help=".npy (user units), .csv or .parquet (long table)")
+
+    p = command(evaluate, "Score generated samples with the domain's metrics (mean and 95%% interval).")
+    _run_flags(p, tracked=False)
+    p.add_argument("--samples", required=True, metavar="FILE.npy", help="samples written by `sample` (user units)")
+    p.add_argument("--real", metavar="SOURCE", help="real data to compare with (default: the run's records)")
+    p.add_argument("--metrics", nargs="+", metavar="NAME", help="metric names (default: every metric of the domain)")
+    p.add_argument("--repeats", type=positive, default=5, help="repeats behind the interval (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="metrics seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = command(status, "Progress of each expert and the router, read from storage.")
+    _run_flags(p, tracked=False)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = command(submit, "Submit a fit as a Ray job, at most once per resolved settings.")
+    cli_config.settings_flags(p, ray=False)
+    p.add_argument(
+        "--address", dest="dashboard", required=True, help="the cluster's dashboard address, http://<head>:8265"
+    )
+    p.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default .)")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="gitignore-style pattern left out of the upload (repeatable; heavy paths always are)",
+    )
+    p.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 unless it succeeded")
+    p.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="how long --wait waits (default 3600)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) and usage errors (2)
+        return done.code if isinstance(done.code, int) else 0
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        return _fail(args, error, 2)
+    except RUNTIME_ERRORS as error:
+        return _fail(args, error, 1)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _fail(args: argparse.Namespace, error: BaseException, code: int) -> int:
+    if args.debug:
+        raise error
+    print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
