@@ -44,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sampler-steps", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runs", default=str(ROOT / "runs" / "benchmarks"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (on a shared 2-core machine more threads oversubscribe and run slower)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     return parser.parse_args()
 
@@ -77,7 +79,7 @@ def row(label: str, result: dict) -> str:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     sources = {"sines": f"sines:{args.sines}", "stocks": args.stocks}
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                           f"{torch.__version__}, CUDA {torch.cuda.is_available()}", "args": vars(args), "datasets": {}}

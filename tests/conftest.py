@@ -36,3 +36,18 @@ def pytest_configure(config: pytest.Config) -> None:
     """`cluster`: the test starts a real multi-node Ray cluster on this machine (slow; deselect
     with -m "not cluster")."""
     config.addinivalue_line("markers", "cluster: starts a real multi-node Ray cluster on this machine (slow)")
+
+
+# --- torch threads --------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread() -> Iterator[None]:
+    """Tests run torch on one thread: on a small shared machine (CI has 2 cores, and Ray workers run
+    beside the test process) more threads oversubscribe the cores and run many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

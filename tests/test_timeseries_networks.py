@@ -16,15 +16,6 @@ from archipelago.domains.timeseries.networks import (
 B, L, C, K = 4, 12, 3, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: extra threads only spin when a small CI machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_denoiser(seed: int = 0) -> TimeSeriesDenoiser:
     config = DenoiserConfig(channels=C, length=L, width=32, depth=2, heads=4)
     return TimeSeriesDenoiser(config, generator=torch.Generator().manual_seed(seed))
