@@ -47,7 +47,7 @@ CONFIG = RunConfig(
 
 
 def kill_expert_after_first_checkpoint(
-    latest: Path, task_name: str, found: dict[str, Any], timeout_s: float = 120.0
+    latest: Path, task_name: str, found: dict[str, Any], timeout_s: float = 400.0
 ) -> None:
     """Wait for `latest`, then SIGKILL the worker titled `ray::<task_name>` (a descendant of this
     process, so no other Ray instance on the machine is touched); record what was done in `found`."""
@@ -124,11 +124,12 @@ def test_sigkilled_expert_resumes_from_its_checkpoint_and_the_other_trains_once(
     assert run1.info.status == "FINISHED" and run1.data.tags["resumed_from"] == "0"
     history = mlflow.MlflowClient(uri).get_metric_history(run1.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(EVERY, STEPS + 1, EVERY))
-    # Expert 0's finished child run carries the resume; the fit and its model were completed.
-    [run0] = [run for run in runs["expert-0"] if run.info.status == "FINISHED"]
-    assert run0.data.tags["resumed_from"] == str(resumed)
+    # The retry reopened expert 0's child run (one run, finished) and it carries the resume; every
+    # step was logged, those between the checkpoint and the kill by both attempts.
+    [run0] = runs["expert-0"]
+    assert run0.info.status == "FINISHED" and run0.data.tags["resumed_from"] == str(resumed)
     history = mlflow.MlflowClient(uri).get_metric_history(run0.info.run_id, "loss")
-    assert sorted(m.step for m in history) == list(range(resumed + EVERY, STEPS + 1, EVERY))
+    assert {m.step for m in history} == set(range(EVERY, STEPS + 1, EVERY))
     assert mlflow.MlflowClient(uri).get_run(result.parent_run_id).info.status == "FINISHED"
     assert result.model_uri and (run_dir / "ensemble.json").exists()
     # Resume is exact: the same weights as training expert 0 in one go.

@@ -1,0 +1,164 @@
+"""Tests of the time-series generation metrics (domains/timeseries/metrics.py, ts2vec.py) on CPU.
+
+Real windows are sines whose channels share a random frequency and phase (so channels correlate and
+the last channel is predictable from the others); "same" is a fresh draw of that distribution and
+"noise" is i.i.d. uniform noise around 0.5. Iteration counts are cut to keep the file fast.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from archipelago.domains.timeseries.metrics import (
+    METRICS,
+    RBF_BANDWIDTHS,
+    Score,
+    evaluate,
+    fdds,
+    frechet_distance,
+    mmd,
+    predictive,
+)
+from archipelago.domains.timeseries.ts2vec import (
+    DilatedBlock,
+    embed,
+    hierarchical_contrastive_loss,
+    seeded,
+    train_ts2vec,
+)
+
+N, L, C = 128, 24, 4
+
+# Small settings per metric: enough training to separate sines from noise, little else.
+FAST = {
+    "context_fid": {"iterations": 5},
+    "correlational": {},
+    "discriminative": {"iterations": 100, "batch_size": 32},
+    "predictive": {"iterations": 300, "batch_size": 32},
+    "vds": {"positions": 500},
+    "fdds": {},
+}
+
+
+def sines(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(L)[None, :, None]
+    freq, phase = rng.uniform(0.05, 0.15, (n, 1, 1)), rng.uniform(0, 2 * np.pi, (n, 1, 1))
+    return (np.sin(2 * np.pi * freq * t + phase + 0.6 * np.arange(C)) + 1) / 2  # [n, L, C] in [0, 1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The networks here are tiny: extra threads only spin when a small CI machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, np.ndarray]:
+    noise = np.random.default_rng(2).uniform(0.4, 0.6, (N, L, C))
+    return {"real": sines(N, seed=0), "same": sines(N, seed=1), "noise": noise}
+
+
+def test_identical_sets_score_zero(data):
+    real = data["real"]
+    assert fdds(real, real, repeats=1).mean == pytest.approx(0.0, abs=1e-9)
+    assert METRICS["vds"](real, real, repeats=2, positions=500).mean == pytest.approx(0.0, abs=1e-9)
+    # Correlational compares two independent bootstrap batches, so it is small but not exactly 0.
+    assert METRICS["correlational"](real, real, repeats=3).mean < 0.03
+    assert abs(METRICS["context_fid"](real, real, repeats=1, iterations=5).mean) < 1e-3
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+def test_different_distributions_score_higher(data, name):
+    metric = METRICS[name]
+    close = metric(data["real"], data["same"], repeats=1, **FAST[name]).mean
+    far = metric(data["real"], data["noise"], repeats=1, **FAST[name]).mean
+    assert far > close + 0.05, (close, far)
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+def test_same_seed_same_score(data, name):
+    settings = {**FAST[name], **({"iterations": 3} if "iterations" in FAST[name] else {})}
+    first = METRICS[name](data["real"], data["same"], repeats=2, seed=7, **settings)
+    second = METRICS[name](data["real"], data["same"], repeats=2, seed=7, **settings)
+    assert first == second
+    assert len(first.values) == 2 and first.mean == pytest.approx(np.mean(first.values))
+
+
+def test_interval(data):
+    single = METRICS["correlational"](data["real"], data["same"], repeats=1)
+    assert single.interval == 0.0 and len(single.values) == 1
+    for name in ("correlational", "vds"):
+        assert METRICS[name](data["real"], data["same"], repeats=3, **FAST[name]).interval > 0
+    # Student t with 2 degrees of freedom: half-width t_{0.975, 2} * s / sqrt(3) with s = 1.
+    assert Score.of([1.0, 2.0, 3.0]).interval == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("real", "fake", "named"),
+    [
+        (np.zeros((8, 24)), np.zeros((8, 24, 2)), "real"),
+        (np.zeros((8, 24, 2)), np.zeros((8, 24, 3)), "fake"),
+        (np.zeros((8, 24, 2)), np.zeros((8, 12, 2)), "fake"),
+        (np.full((8, 24, 2), np.nan), np.zeros((8, 24, 2)), "real"),
+        (np.zeros((8, 24, 2)), np.insert(np.zeros((7, 24, 2)), 3, np.nan, axis=0), "fake"),
+    ],
+)
+@pytest.mark.parametrize("name", list(METRICS))
+def test_invalid_shapes_raise(real, fake, named, name):
+    with pytest.raises(ValueError, match=named):
+        METRICS[name](real, fake, repeats=1)
+
+
+def test_mmd_matches_analytic_value():
+    # One point each at distance 1: k(0, 0) = 9 (nine kernels), k(0, 1) = sum_s exp(-1 / (2 s)).
+    cross = sum(math.exp(-1 / (2 * s)) for s in RBF_BANDWIDTHS)
+    assert mmd(np.array([0.0]), np.array([1.0])) == pytest.approx(18 - 2 * cross, rel=1e-6)
+    # x = {0, 0.5}, y = {0.5}: mean k_xx = (9 + k(0.5)) / 2, k_yy = 9, mean k_xy = (k(0.5) + 9) / 2.
+    half = sum(math.exp(-0.25 / (2 * s)) for s in RBF_BANDWIDTHS)
+    value = (9 + half) / 2 + 9 - (half + 9)
+    assert mmd(np.array([[0.0], [0.5]]), np.array([[0.5]])) == pytest.approx(value, rel=1e-6)
+    assert mmd(np.array([0.2, 0.7]), np.array([0.2, 0.7])) == 0.0
+
+
+def test_frechet_distance_of_a_shift_is_its_squared_length():
+    a = np.random.default_rng(0).normal(size=(500, 3))
+    assert frechet_distance(a, a + np.array([1.0, 2.0, 2.0])) == pytest.approx(9.0, abs=1e-6)
+
+
+def test_one_channel_is_rejected_where_undefined(data):
+    one = data["real"][..., :1]
+    with pytest.raises(ValueError, match="2 channels"):
+        predictive(one, one, repeats=1, iterations=1)
+    with pytest.raises(ValueError, match="2 channels"):
+        fdds(one, one, repeats=1)
+
+
+def test_evaluate_routes_overrides(data):
+    scores = evaluate(data["real"], data["same"], ["correlational", "vds"], repeats=2, vds={"positions": 200})
+    assert set(scores) == {"correlational", "vds"} and all(isinstance(s, Score) for s in scores.values())
+    with pytest.raises(ValueError, match="valid names"):
+        evaluate(data["real"], data["same"], ["fid"])
+    with pytest.raises(ValueError, match="iterations"):
+        evaluate(data["real"], data["same"], ["correlational"], iterations=10)
+
+
+def test_ts2vec_embeddings_and_loss():
+    windows = torch.as_tensor(sines(16, seed=3), dtype=torch.float32)
+    encoder = train_ts2vec(windows, torch.Generator().manual_seed(0), iterations=2)
+    assert embed(encoder, windows).shape == (16, 320)
+    z = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(0))
+    # A cross-entropy over each view's negatives: positive even for two identical views.
+    assert hierarchical_contrastive_loss(z, z).item() > 0
+
+
+def test_wide_dilation_applies_only_the_centre_tap():
+    block = seeded(lambda: DilatedBlock(8, 8, dilation=32, project=False), torch.Generator(), "cpu")
+    h = torch.randn(2, 8, 24, generator=torch.Generator().manual_seed(1))
+    full = block.conv2(torch.nn.functional.gelu(block.conv1(torch.nn.functional.gelu(h)))) + h
+    torch.testing.assert_close(block(h), full)
