@@ -49,15 +49,6 @@ def sines(n: int, seed: int) -> np.ndarray:
     return (np.sin(2 * np.pi * freq * t + phase + 0.6 * np.arange(C)) + 1) / 2  # [n, L, C] in [0, 1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The networks here are tiny: extra threads only spin when a small CI machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data() -> dict[str, np.ndarray]:
     noise = np.random.default_rng(2).uniform(0.4, 0.6, (N, L, C))
