@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from archipelago.experts.batch import Batch, Fields, FieldSpec, num_samples, per_row, with_fields
 from archipelago.experts.paths import GaussianPath
@@ -106,12 +107,18 @@ def draw_prior(fields: Fields, template: Batch, generator: torch.Generator | Non
 
 
 def integrate(model: Model, x_1: Batch, fields: Fields, solver: str = "heun", steps: int = 50,
-              generator: torch.Generator | None = None) -> Batch:
+              generator: torch.Generator | None = None, progress: bool = False) -> Batch:
     """Integrate from x_1 at t = 1 to t = 0 with a named solver on a uniform grid."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
     floats = [x_1[name] for name in sorted(fields) if x_1[name].is_floating_point()]
     dtype = floats[0].dtype if floats else torch.float32
     grid = time_grid(steps, dtype=dtype, device=x_1[sorted(fields)[0]].device)
-    with torch.no_grad():
-        return SOLVERS[solver](model, x_1, grid, generator=generator, fields=fields)
+    with torch.no_grad(), tqdm(total=steps * CALLS_PER_STEP[solver], desc=f"sampling ({solver})",
+                               disable=not progress, leave=False) as bar:
+
+        def counted(x: Batch, t: Tensor) -> Mapping[str, Tensor]:
+            bar.update(1)
+            return model(x, t)
+
+        return SOLVERS[solver](counted, x_1, grid, generator=generator, fields=fields)

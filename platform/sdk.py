@@ -63,11 +63,13 @@ class Run:
         seed: int = 0,
         top_k: int = 2,
         batch_size: int = 1024,
+        progress: bool = True,
     ) -> Samples:
         """Generate n samples with a routing strategy (full, topk, top1, sample, oracle) and an ODE solver."""
         e = self.ensemble
         generated = sample_ensemble(
-            e.domain, e.experts, e.router, n, strategy, solver, steps, seed, top_k, e.cluster_sizes, batch_size
+            e.domain, e.experts, e.router, n, strategy, solver, steps, seed, top_k, e.cluster_sizes, batch_size,
+            progress,
         )
         return Samples(
             items=e.domain.decode(generated.batch),
@@ -79,7 +81,7 @@ class Run:
 
     def records(self) -> pa.Table:
         """The records the run was fitted on."""
-        return steps._read_table(storage.join(self.run_dir, "records", "part-0.parquet"))
+        return steps.read_table(storage.join(self.run_dir, "records", "part-0.parquet"))
 
     def evaluate(self, generated: Samples, real: Any = None, **options: Any) -> dict[str, Any]:
         """The domain's metrics of generated samples against `real` (a source the domain can read,

@@ -56,7 +56,7 @@ def _write_table(uri: str, table: pa.Table) -> None:
     storage.write_bytes(uri, buffer.getvalue())
 
 
-def _read_table(uri: str) -> pa.Table:
+def read_table(uri: str) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
 
 
@@ -136,13 +136,13 @@ def partition(run_dir: str) -> dict[str, Any]:
     if storage.exists(done):
         return storage.read_json(done)
     config, domain = load_config(run_dir), load_domain(run_dir)
-    records = _read_table(storage.join(run_dir, "records", "part-0.parquet"))
+    records = read_table(storage.join(run_dir, "records", "part-0.parquet"))
     return _write_partition(run_dir, domain, records, _cluster(config, domain, records))
 
 
 def expert_records(run_dir: str, k: int) -> pa.Table:
     """The records of partition k only."""
-    return _read_table(storage.join(run_dir, "data", f"expert={k}", "part-0.parquet"))
+    return read_table(storage.join(run_dir, "data", f"expert={k}", "part-0.parquet"))
 
 
 def train_expert_step(run_dir: str, k: int, on_log: OnLog | None = None) -> TrainResult:

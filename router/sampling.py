@@ -57,7 +57,7 @@ def _assignment(strategy: Strategy, router: Router | None, x_1: Batch, domain: D
 def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router | None, n: int,
                     strategy: Strategy | str = Strategy.TOP1, solver: str = "heun", steps: int = 50,
                     seed: int = 0, top_k: int = 2, cluster_sizes: Sequence[int] | None = None,
-                    batch_size: int = 1024) -> Generated:
+                    batch_size: int = 1024, progress: bool = False) -> Generated:
     """Generate n samples in batches of at most `batch_size` (see the module docstring)."""
     strategy = Strategy(strategy)
     if n < 1:
@@ -69,7 +69,7 @@ def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router
         x_1 = draw_prior(domain.fields, domain.template(count, generator), generator)
         assignment = _assignment(strategy, router, x_1, domain, count, cluster_sizes, generator)
         ensemble = Ensemble(experts, router, domain.fields, strategy, top_k=top_k, assignment=assignment)
-        parts.append(integrate(ensemble, x_1, domain.fields, solver, steps, generator))
+        parts.append(integrate(ensemble, x_1, domain.fields, solver, steps, generator, progress))
         expert_calls += ensemble.evaluations.expert
         router_calls += ensemble.evaluations.router + (count if strategy is Strategy.SAMPLE else 0)
     return Generated(batch=concat_batches(parts, domain), expert_calls_per_sample=expert_calls / n,

@@ -1,6 +1,7 @@
 """The package layout: `platform/` never shadows the standard library, and `pip install .` ships
 every module of the source folders as `archipelago.*`."""
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -44,8 +45,11 @@ def test_every_subpackage_is_listed_in_pyproject():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT),
+    out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source") / "archipelago"
+    # Build from a clean copy: a stale build/ folder in the checkout would leak old modules into the wheel.
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "runs", "__pycache__",
+                                                                 "mlruns", "mlflow.db"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source),
                     "-w", str(out)], check=True, capture_output=True)
     return next(out.glob("archipelago-*.whl"))
 
