@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from archipelago.platform import islands
+from tests.cluster import TwoNodeCluster, two_node_cluster
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -27,6 +28,16 @@ def ray_local() -> Iterator[None]:
     islands.connect("local", runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, num_cpus=2)
     yield
     islands.disconnect()
+
+
+# --- Ray: one real two-node cluster (islands "a" and "b") shared by the tests that need one ----
+
+
+@pytest.fixture(scope="session")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeCluster]:
+    """Started once (about 30 s) for every test that needs islands on separate nodes; stopped by PID."""
+    with two_node_cluster(tmp_path_factory.mktemp("two-nodes")) as cluster:
+        yield cluster
 
 
 # --- markers -------------------------------------------------------------------------------------

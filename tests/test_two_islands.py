@@ -21,7 +21,7 @@ from ray.util.state import list_nodes
 from archipelago.platform.cli import main
 from archipelago.platform.jobs import DEFAULT_EXCLUDES, wait_job
 from archipelago.platform.tracking import PARENT_TAG, TRACKING_ENV
-from tests.cluster import RAY_CLI, two_node_cluster
+from tests.cluster import RAY_CLI
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIPELAGO = str(Path(sys.executable).with_name("archipelago"))
@@ -62,45 +62,45 @@ def dry_run_submission_id(settings: Path, address: str, uri: str, capsys: pytest
 
 
 @pytest.mark.cluster
-def test_a_submitted_fit_trains_each_expert_on_its_island(tmp_path: Path, capsys) -> None:
+def test_a_submitted_fit_trains_each_expert_on_its_island(tmp_path: Path, capsys, two_nodes) -> None:
     settings, uri = settings_file(tmp_path), f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with two_node_cluster(tmp_path) as cluster:
-        submission_id = dry_run_submission_id(settings, cluster.dashboard_url, uri, capsys)
-        runtime_env = {"env_vars": {TRACKING_ENV: uri}, "excludes": list(DEFAULT_EXCLUDES)}
-        submit = [
-            RAY_CLI,
-            "job",
-            "submit",
-            "--address",
-            cluster.dashboard_url,
-            "--submission-id",
-            submission_id,
-            "--working-dir",
-            str(ROOT),
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-            "--no-wait",
-            "--",
-            ARCHIPELAGO,
-            "fit",
-            str(settings),
-        ]
-        env = {**os.environ, "RAY_AUTH_MODE": "token"}
-        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    cluster = two_nodes
+    submission_id = dry_run_submission_id(settings, cluster.dashboard_url, uri, capsys)
+    runtime_env = {"env_vars": {TRACKING_ENV: uri}, "excludes": list(DEFAULT_EXCLUDES)}
+    submit = [
+        RAY_CLI,
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--no-wait",
+        "--",
+        ARCHIPELAGO,
+        "fit",
+        str(settings),
+    ]
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
-        client = JobSubmissionClient(cluster.dashboard_url)
-        status = wait_job(cluster.dashboard_url, submission_id, timeout_s=JOB_TIMEOUT_S)
-        assert status == "SUCCEEDED", client.get_job_logs(submission_id)[-6000:]
+    client = JobSubmissionClient(cluster.dashboard_url)
+    status = wait_job(cluster.dashboard_url, submission_id, timeout_s=JOB_TIMEOUT_S)
+    assert status == "SUCCEEDED", client.get_job_logs(submission_id)[-6000:]
 
-        islands = {}
-        for node in list_nodes(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")]):
-            islands.setdefault(node.labels.get("island"), set()).add(node.node_id)
+    islands = {}
+    for node in list_nodes(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")]):
+        islands.setdefault(node.labels.get("island"), set()).add(node.node_id)
 
-        # A repeated submit of the same settings finds the job and starts nothing new.
-        assert main(["submit", str(settings), "--address", cluster.dashboard_url, "--tracking-uri", uri]) == 0
-        assert capsys.readouterr().out.strip() == submission_id
-        assert [job.submission_id for job in client.list_jobs() if job.submission_id] == [submission_id]
+    # A repeated submit of the same settings finds the job and starts nothing new.
+    assert main(["submit", str(settings), "--address", cluster.dashboard_url, "--tracking-uri", uri]) == 0
+    assert capsys.readouterr().out.strip() == submission_id
+    assert [job.submission_id for job in client.list_jobs()].count(submission_id) == 1
 
     tracking = mlflow.MlflowClient(uri)
     runs = tracking.search_runs([e.experiment_id for e in tracking.search_experiments()])
