@@ -78,6 +78,8 @@ class Ensemble(nn.Module):
         """w_k(x_t, t) for every sample and expert, [B, K]."""
         if self.strategy in FIXED:
             return nn.functional.one_hot(self.assignment.to(t.device), len(self.experts)).to(t.dtype)
+        if len(self.experts) == 1:  # a monolith: nothing to route, the router is not called
+            return torch.ones(len(t), 1, dtype=t.dtype, device=t.device)
         self.evaluations.router += len(t)
         return routing_weights(self.router.posterior(x_t, t).to(t.dtype), self.strategy, self.top_k)
 

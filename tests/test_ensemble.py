@@ -144,3 +144,10 @@ def test_trained_router_approaches_the_analytic_posterior(tmp_path):
         learned = router.posterior({"x": x_t.float()}, t.float()).double()
     total_variation = 0.5 * (learned - analytic_posterior(x_t, t)).abs().sum(1).mean()
     assert total_variation < 0.06, total_variation
+
+
+def test_a_single_expert_needs_no_router_call(noisy_points):
+    x, t = noisy_points
+    ensemble = Ensemble([AnalyticExpert(0)], Router(AnalyticRouterNet(), FIELDS), FIELDS, "top1")
+    torch.testing.assert_close(ensemble({"x": x}, t)["x"], AnalyticExpert(0)({"x": x}, t)["x"])
+    assert (ensemble.evaluations.expert, ensemble.evaluations.router) == (len(x), 0)
