@@ -124,12 +124,12 @@ def test_sigkilled_expert_resumes_from_its_checkpoint_and_the_other_trains_once(
     assert run1.info.status == "FINISHED" and run1.data.tags["resumed_from"] == "0"
     history = mlflow.MlflowClient(uri).get_metric_history(run1.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(EVERY, STEPS + 1, EVERY))
-    # The retry reopened expert 0's child run (one run, finished) and it carries the resume; every
-    # step was logged, those between the checkpoint and the kill by both attempts.
+    # The retry reopened expert 0's child run (one run, finished) and it carries the resume; it
+    # logged every step after the checkpoint (what the killed attempt still had buffered is lost).
     [run0] = runs["expert-0"]
     assert run0.info.status == "FINISHED" and run0.data.tags["resumed_from"] == str(resumed)
-    history = mlflow.MlflowClient(uri).get_metric_history(run0.info.run_id, "loss")
-    assert {m.step for m in history} == set(range(EVERY, STEPS + 1, EVERY))
+    logged = {m.step for m in mlflow.MlflowClient(uri).get_metric_history(run0.info.run_id, "loss")}
+    assert set(range(resumed + EVERY, STEPS + 1, EVERY)) <= logged <= set(range(EVERY, STEPS + 1, EVERY))
     assert mlflow.MlflowClient(uri).get_run(result.parent_run_id).info.status == "FINISHED"
     assert result.model_uri and (run_dir / "ensemble.json").exists()
     # Resume is exact: the same weights as training expert 0 in one go.
