@@ -80,20 +80,16 @@ def test_connect_again_is_a_no_op(ray_local: None) -> None:
 
 
 def test_missing_island_fails_after_the_bounded_wait_naming_it(ray_local: None) -> None:
-    start = time.monotonic()
     with pytest.raises(MissingIslandError, match="'atlantis'"):
         submit_tasks([TaskSpec(square_after, (2, 0.0), island="atlantis")], island_wait_s=0.5)
-    assert time.monotonic() - start < 10
 
 
 def test_unreachable_address_fails_fast_naming_it() -> None:
     with socket.socket() as probe:  # a port nothing listens on once the probe is closed
         probe.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{probe.getsockname()[1]}"
-    start = time.monotonic()
     with pytest.raises(ConnectionError, match=re.escape(address)):
         connect(address)
-    assert time.monotonic() - start < 10
 
 
 def test_application_error_names_the_task_and_is_not_retried(ray_local: None, tmp_path: Path) -> None:

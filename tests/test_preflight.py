@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +85,8 @@ def test_unknown_domain_config_key_is_named(tmp_path: Path) -> None:
 
 
 def test_island_without_a_node(ray_local: None, tmp_path: Path) -> None:
-    start = time.monotonic()
     with pytest.raises(MissingIslandError, match=r"no alive node on island\(s\) 'nowhere' after 1 s"):
         fit(tmp_path / "run", Launch(track=False, island_wait_s=1), placement=[{"island": "nowhere"}, {}])
-    assert time.monotonic() - start < 15
     assert_nothing_written(tmp_path / "run")
 
 
@@ -97,19 +94,15 @@ def test_unreachable_ray_address_while_connected_elsewhere(ray_local: None, tmp_
     """The address is checked before `connect` looks at the embedded Ray this session holds, so
     the error names the unreachable address (not "already connected")."""
     address = f"127.0.0.1:{closed_port()}"
-    start = time.monotonic()
     with pytest.raises(ConnectionError, match=rf"cannot reach a Ray cluster at '{address}'"):
         fit(tmp_path / "run", Launch(address=address, track=False))
-    assert time.monotonic() - start < 15
     assert_nothing_written(tmp_path / "run")
 
 
 def test_unreachable_tracking_server(tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{closed_port()}"
-    start = time.monotonic()
     with pytest.raises(ConnectionError, match=rf"cannot reach the MLflow tracking server at '{uri}'"):
         fit(tmp_path / "run", Launch(ray=False, tracking_uri=uri))
-    assert time.monotonic() - start < 15
     assert_nothing_written(tmp_path / "run")
 
 

@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -180,10 +179,8 @@ def test_an_unreachable_tracking_server_fails_fast():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # free, and closed again when the block ends
     uri = f"http://127.0.0.1:{port}"
-    start = time.monotonic()
     with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
         tracking.check_tracking(uri)
-    assert time.monotonic() - start < 6
 
 
 def test_the_default_tracking_uri_is_mlflows_sqlite_file_made_absolute(tmp_path, monkeypatch):
