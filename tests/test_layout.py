@@ -29,8 +29,8 @@ def test_platform_folder_is_not_a_regular_package():
 
 
 def test_stdlib_platform_and_torch_import_from_the_repository_root():
-    code = "import platform; platform.system(); import torch; assert 'site-packages' not in platform.__file__ or True"
-    out = subprocess.run([sys.executable, "-c", code + "; print(platform.__file__)"], cwd=ROOT,
+    code = "import platform; platform.system(); import torch; print(platform.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     assert str(ROOT / "platform") not in out.stdout
 
