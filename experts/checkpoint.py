@@ -69,3 +69,9 @@ def load_checkpoint(uri: str, with_state: bool = True) -> Checkpoint:
 
 def _contiguous(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
+
+
+def ema_weights(uri: str) -> dict[str, Tensor]:
+    """The EMA weights of a checkpoint, named as the module's state dict: what sampling uses."""
+    model = load_checkpoint(uri, with_state=False).model
+    return {name.removeprefix("ema."): value for name, value in model.items() if name.startswith("ema.")}

@@ -27,7 +27,7 @@ import torch
 
 from archipelago.domains import domain_class, domain_reference
 from archipelago.experts import storage
-from archipelago.experts.checkpoint import latest_checkpoint, load_checkpoint
+from archipelago.experts.checkpoint import ema_weights, latest_checkpoint
 from archipelago.experts.denoiser import Denoiser
 from archipelago.experts.domain import Domain
 from archipelago.experts.training import ExpertConfig, OnLog, TrainResult, derive_seed, train_expert
@@ -199,10 +199,6 @@ class LoadedEnsemble:
     cluster_sizes: list[int]
 
 
-def _ema_weights(uri: str) -> dict[str, torch.Tensor]:
-    return {k[4:]: v for k, v in load_checkpoint(uri, with_state=False).model.items() if k.startswith("ema.")}
-
-
 def load_ensemble(run_dir: str, device: str | torch.device = "cpu") -> LoadedEnsemble:
     """Rebuild the assembled ensemble from the run directory."""
     uri = storage.join(run_dir, ENSEMBLE_FILE)
@@ -212,11 +208,11 @@ def load_ensemble(run_dir: str, device: str | torch.device = "cpu") -> LoadedEns
     experts = []
     for parts in saved["experts"]:
         net = domain.denoiser_network()
-        net.load_state_dict(_ema_weights(storage.join(run_dir, *parts)))
+        net.load_state_dict(ema_weights(storage.join(run_dir, *parts)))
         experts.append(Denoiser(net, domain.fields, config.prediction).to(device).eval())
     router = None
     if saved["router"] is not None:
         router = Router(domain.router_network(config.experts), domain.fields)
-        router.load_state_dict(_ema_weights(storage.join(run_dir, *saved["router"])))
+        router.load_state_dict(ema_weights(storage.join(run_dir, *saved["router"])))
         router = router.to(device).eval()
     return LoadedEnsemble(domain=domain, experts=experts, router=router, cluster_sizes=saved["cluster_sizes"])

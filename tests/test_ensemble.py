@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from archipelago.experts.batch import FieldSpec
+from archipelago.experts.checkpoint import ema_weights
 from archipelago.experts.paths import GaussianPath
 from archipelago.experts.training import TrainConfig
 from archipelago.router.ensemble import Ensemble, Strategy, routing_weights
@@ -131,11 +132,8 @@ def test_trained_router_approaches_the_analytic_posterior(tmp_path):
     config = RouterConfig(num_experts=3, train=TrainConfig(steps=800, batch_size=256, lr=3e-3, warmup_steps=50,
                                                            progress=False, ema_decay=0.99))
     result = train_router(config, domain, samples, labels, str(tmp_path / "router"))
-    from archipelago.experts.checkpoint import load_checkpoint
-
     router = Router(domain.router_network(3), domain.fields)
-    router.load_state_dict({k[4:]: v for k, v in load_checkpoint(result.checkpoint).model.items()
-                            if k.startswith("ema.")}, strict=False)
+    router.load_state_dict(ema_weights(result.checkpoint))
     test_labels = torch.multinomial(PI, 2000, replacement=True, generator=g)
     x0 = MU[test_labels] + S[test_labels, None] * torch.randn(2000, 2, generator=g, dtype=torch.float64)
     t = torch.rand(2000, generator=g, dtype=torch.float64)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from archipelago.experts.batch import select
-from archipelago.experts.checkpoint import load_checkpoint
+from archipelago.experts.checkpoint import ema_weights
 from archipelago.experts.denoiser import Denoiser
 from archipelago.experts.paths import MaskedPath, TorusPath
 from archipelago.experts.solvers import draw_prior, integrate
@@ -18,7 +18,7 @@ from tests.toy_domains import PointSetDomain, point_sets
 
 
 def _ema(module, checkpoint):
-    module.load_state_dict({k[4:]: v for k, v in load_checkpoint(checkpoint).model.items() if k.startswith("ema.")})
+    module.load_state_dict(ema_weights(checkpoint))
     return module
 
 
