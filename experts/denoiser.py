@@ -8,12 +8,13 @@ router-weighted `Ensemble`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from archipelago.experts.batch import Batch, Fields, num_samples, per_row, with_fields
+from archipelago.experts.batch import Batch, Fields, given_key, num_samples, per_row, with_fields
 from archipelago.experts.conventions import Prediction
 from archipelago.experts.paths import PathSample
 
@@ -28,23 +29,33 @@ class NoisedBatch:
 
 
 def noise_batch(batch: Batch, fields: Fields, generator: torch.Generator | None,
-                prediction: Prediction = Prediction.VELOCITY, t: Tensor | None = None) -> NoisedBatch:
-    """Draw t ~ U[0, 1] per sample (unless given) and x_t ~ p_t(. | x_0) for every field."""
+                prediction: Prediction = Prediction.VELOCITY, t: Tensor | None = None,
+                given: Mapping[str, Tensor] | None = None) -> NoisedBatch:
+    """Draw t ~ U[0, 1] per sample (unless t is passed) and x_t ~ p_t(. | x_0) for every field.
+
+    `given` masks (True: the entry is fixed by the user) keep those entries at x_0, leave them out
+    of the loss, and travel in x_t under `given_key(field)` so that the network can tell them apart.
+    """
     if t is None:
         b = num_samples(batch, fields)
         first = batch[sorted(fields)[0]]
         t = torch.rand(b, generator=generator, device=first.device)
     samples = {}
     for name, spec in sorted(fields.items()):
-        samples[name] = spec.path.sample(batch[name], per_row(t, batch, spec), generator, prediction)
+        sample = spec.path.sample(batch[name], per_row(t, batch, spec), generator, prediction)
+        mask = (given or {}).get(name)
+        if mask is not None:
+            sample = PathSample(x_t=torch.where(mask, batch[name], sample.x_t), target=sample.target, free=~mask)
+        samples[name] = sample
     x_t = with_fields(batch, fields, {name: s.x_t for name, s in samples.items()})
+    x_t.update({given_key(name): mask for name, mask in (given or {}).items()})
     return NoisedBatch(x_t=x_t, samples=samples, t=t)
 
 
 def denoising_loss(net: nn.Module, fields: Fields, batch: Batch, generator: torch.Generator | None,
-                   prediction: Prediction = Prediction.VELOCITY) -> Tensor:
+                   prediction: Prediction = Prediction.VELOCITY, given: Mapping[str, Tensor] | None = None) -> Tensor:
     """The sum over fields of each path's loss at x_t, t ~ U[0, 1] (flow matching for Gaussian fields)."""
-    noised = noise_batch(batch, fields, generator, prediction)
+    noised = noise_batch(batch, fields, generator, prediction, given=given)
     output = net(noised.x_t, noised.t)
     return sum(spec.path.loss(output[name], noised.samples[name]) for name, spec in sorted(fields.items()))
 

@@ -18,6 +18,14 @@ Paths implemented:
 - `MaskedPath`: the absorbing ("masked") discrete path over C categories: each entry stays x_0
   with probability 1 - t and is the mask token C otherwise (discrete flow matching).
 
+Classifier-free guidance meets a path in `guide`: the mixable quantities of the unconditional and
+the conditional model are combined with scale w (w = 1: the conditional model itself, w = 0: the
+unconditional one): linearly for velocities, geometrically for posteriors (p_u^(1-w) p_c^w,
+renormalized), which is the guided posterior of discrete classifier-free guidance.
+
+Given entries (fixed by the user, never diffused) are left out of every loss through the sample's
+`free` mask.
+
 Every method takes `t` already laid out per row of the field (see `archipelago.experts.batch`).
 """
 
@@ -39,6 +47,17 @@ class PathSample:
 
     x_t: Tensor
     target: Tensor
+    free: Tensor | None = None  # bool, True where the entry is generated; None: every entry is
+
+
+def _free_mse(output: Tensor, sample: PathSample) -> Tensor:
+    """Mean squared error over the generated entries only."""
+    if sample.free is None:
+        return F.mse_loss(output, sample.target)
+    free = sample.free.expand_as(output)
+    if not free.any():
+        return output.sum() * 0.0
+    return F.mse_loss(output[free], sample.target[free])
 
 
 def _expand(t: Tensor, x: Tensor) -> Tensor:
@@ -75,6 +94,10 @@ class ProbabilityPath(ABC):
     ) -> Tensor:
         """Move x_t from t to t_next < t given the (mixed) quantity."""
 
+    def guide(self, unconditional: Tensor, conditional: Tensor, scale: float) -> Tensor:
+        """Classifier-free guidance of two mixable quantities (see the module docstring)."""
+        return unconditional + scale * (conditional - unconditional)
+
     def check_prediction(self, prediction: Prediction) -> None:
         if Prediction(prediction) not in self.predictions:
             raise ValueError(
@@ -105,7 +128,7 @@ class GaussianPath(ProbabilityPath):
         return PathSample(x_t=s.alpha * x_0 + s.sigma * eps, target=target)
 
     def loss(self, output, sample):
-        return F.mse_loss(output, sample.target)
+        return _free_mse(output, sample)
 
     def mixable(self, output, x_t, t, prediction):
         return convert(output, prediction, Prediction.VELOCITY, x_t, self.scheduler(_expand(t, x_t)))
@@ -135,7 +158,7 @@ class TorusPath(ProbabilityPath):
         return PathSample(x_t=torch.remainder(x_0 + _expand(t, x_0) * velocity, 1.0), target=velocity)
 
     def loss(self, output, sample):
-        return F.mse_loss(output, sample.target)
+        return _free_mse(output, sample)
 
     def mixable(self, output, x_t, t, prediction):
         return output
@@ -172,13 +195,19 @@ class MaskedPath(ProbabilityPath):
         return PathSample(x_t=torch.where(masked, self.mask, x_0), target=x_0)
 
     def loss(self, output, sample):
-        masked = sample.x_t == self.mask
+        masked = sample.x_t == self.mask  # given entries are never masked, so never in the loss
         if not masked.any():
             return output.sum() * 0.0
         return F.cross_entropy(output[masked], sample.target[masked])
 
     def mixable(self, output, x_t, t, prediction):
         return output.softmax(dim=-1)
+
+    def guide(self, unconditional: Tensor, conditional: Tensor, scale: float) -> Tensor:
+        if scale == 1:
+            return conditional
+        log_p = (1 - scale) * unconditional.clamp_min(1e-30).log() + scale * conditional.clamp_min(1e-30).log()
+        return log_p.softmax(dim=-1)
 
     def step(self, x_t, mixed, t, t_next, generator):
         reveal_prob = ((t - t_next) / t.clamp_min(1e-12)).clamp(0.0, 1.0)

@@ -7,17 +7,22 @@ solver samples from any of them unchanged. The grid runs from t = 1 (noise) down
 A step from t to t_next moves each field along its own path (`ProbabilityPath.step`), so the
 Runge-Kutta combinations below are taken on the mixable quantities and applied by the path
 (on Euclidean fields that is the textbook method).
+
+Given entries (`Given`: values fixed by the user, such as the atom types in structure prediction
+or the known part of a window) are set in x_1 and never moved: every step puts them back, and
+their masks travel in the batch under `given_key(field)` for the networks to read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from archipelago.experts.batch import Batch, Fields, FieldSpec, num_samples, per_row, with_fields
+from archipelago.experts.batch import Batch, Fields, FieldSpec, given_key, num_samples, per_row, with_fields
 from archipelago.experts.paths import GaussianPath
 
 Model = Callable[[Batch, Tensor], Mapping[str, Tensor]]
@@ -31,17 +36,43 @@ def time_grid(steps: int, dtype: torch.dtype = torch.float32, device: torch.devi
     return torch.linspace(1.0, 0.0, steps + 1, dtype=dtype, device=device)
 
 
+@dataclass(frozen=True)
+class Given:
+    """Entries of one field fixed by the user: `values` laid out like the field, `mask` True where given."""
+
+    values: Tensor
+    mask: Tensor
+
+    @classmethod
+    def from_values(cls, values: Tensor) -> Given:
+        """From values with NaN (floating fields) or a negative number (categorical fields) where free."""
+        mask = ~values.isnan() if values.is_floating_point() else values >= 0
+        return cls(values=torch.where(mask, values, torch.zeros_like(values)), mask=mask)
+
+
+def impose(x: Batch, given: Mapping[str, Given] | None) -> Batch:
+    """x with the given entries set to their values (and their masks in the batch)."""
+    if not given:
+        return x
+    out = dict(x)
+    for name, g in given.items():
+        out[name] = torch.where(g.mask.to(x[name].device), g.values.to(x[name]), x[name])
+        out[given_key(name)] = g.mask.to(x[name].device)
+    return out
+
+
 def _euclidean(x: Batch) -> dict[str, FieldSpec]:
     return {name: FieldSpec(GaussianPath()) for name in x}
 
 
-def _advance(fields: Fields, x: Batch, mixed: Mapping[str, Tensor], t: Tensor, t_next: Tensor, generator) -> Batch:
-    """Move every field from t to t_next along its path."""
+def _advance(fields: Fields, x: Batch, mixed: Mapping[str, Tensor], t: Tensor, t_next: Tensor, generator,
+             given: Mapping[str, Given] | None = None) -> Batch:
+    """Move every field from t to t_next along its path; given entries stay where they are."""
     moved = {
         name: spec.path.step(x[name], mixed[name], per_row(t, x, spec), per_row(t_next, x, spec), generator)
         for name, spec in sorted(fields.items())
     }
-    return with_fields(x, fields, moved)
+    return impose(with_fields(x, fields, moved), given)
 
 
 def _combine(weights: tuple[float, ...], quantities: tuple[Mapping[str, Tensor], ...]) -> dict[str, Tensor]:
@@ -56,40 +87,41 @@ def _steps(x_1: Batch, grid: Tensor, fields: Fields):
 
 
 def euler(model: Model, x_1: Batch, grid: Tensor, generator: torch.Generator | None = None,
-          fields: Fields | None = None) -> Batch:
+          fields: Fields | None = None, given: Mapping[str, Given] | None = None) -> Batch:
     """Explicit Euler: one model call per step (first order)."""
     fields = fields or _euclidean(x_1)
-    x = x_1
+    x = impose(x_1, given)
     for t, t_next in _steps(x_1, grid, fields):
-        x = _advance(fields, x, model(x, t), t, t_next, generator)
+        x = _advance(fields, x, model(x, t), t, t_next, generator, given)
     return x
 
 
 def heun(model: Model, x_1: Batch, grid: Tensor, generator: torch.Generator | None = None,
-         fields: Fields | None = None) -> Batch:
+         fields: Fields | None = None, given: Mapping[str, Given] | None = None) -> Batch:
     """Heun's method (explicit trapezoid): two model calls per step (second order)."""
     fields = fields or _euclidean(x_1)
-    x = x_1
+    x = impose(x_1, given)
     for t, t_next in _steps(x_1, grid, fields):
         v_t = model(x, t)
-        x_euler = _advance(fields, x, v_t, t, t_next, generator)
+        x_euler = _advance(fields, x, v_t, t, t_next, generator, given)
         v_next = model(x_euler, t_next)
-        x = _advance(fields, x, _combine((0.5, 0.5), (v_t, v_next)), t, t_next, generator)
+        x = _advance(fields, x, _combine((0.5, 0.5), (v_t, v_next)), t, t_next, generator, given)
     return x
 
 
 def rk4(model: Model, x_1: Batch, grid: Tensor, generator: torch.Generator | None = None,
-        fields: Fields | None = None) -> Batch:
+        fields: Fields | None = None, given: Mapping[str, Given] | None = None) -> Batch:
     """The classical fourth-order Runge-Kutta method: four model calls per step."""
     fields = fields or _euclidean(x_1)
-    x = x_1
+    x = impose(x_1, given)
     for t, t_next in _steps(x_1, grid, fields):
         t_mid = 0.5 * (t + t_next)
         k1 = model(x, t)
-        k2 = model(_advance(fields, x, k1, t, t_mid, generator), t_mid)
-        k3 = model(_advance(fields, x, k2, t, t_mid, generator), t_mid)
-        k4 = model(_advance(fields, x, k3, t, t_next, generator), t_next)
-        x = _advance(fields, x, _combine((1 / 6, 1 / 3, 1 / 3, 1 / 6), (k1, k2, k3, k4)), t, t_next, generator)
+        k2 = model(_advance(fields, x, k1, t, t_mid, generator, given), t_mid)
+        k3 = model(_advance(fields, x, k2, t, t_mid, generator, given), t_mid)
+        k4 = model(_advance(fields, x, k3, t, t_next, generator, given), t_next)
+        x = _advance(fields, x, _combine((1 / 6, 1 / 3, 1 / 3, 1 / 6), (k1, k2, k3, k4)), t, t_next, generator,
+                     given)
     return x
 
 
@@ -107,8 +139,9 @@ def draw_prior(fields: Fields, template: Batch, generator: torch.Generator | Non
 
 
 def integrate(model: Model, x_1: Batch, fields: Fields, solver: str = "heun", steps: int = 50,
-              generator: torch.Generator | None = None, progress: bool = False) -> Batch:
-    """Integrate from x_1 at t = 1 to t = 0 with a named solver on a uniform grid."""
+              generator: torch.Generator | None = None, progress: bool = False,
+              given: Mapping[str, Given] | None = None) -> Batch:
+    """Integrate from x_1 at t = 1 to t = 0 with a named solver on a uniform grid, given entries fixed."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
     floats = [x_1[name] for name in sorted(fields) if x_1[name].is_floating_point()]
@@ -121,4 +154,4 @@ def integrate(model: Model, x_1: Batch, fields: Fields, solver: str = "heun", st
             bar.update(1)
             return model(x, t)
 
-        return SOLVERS[solver](counted, x_1, grid, generator=generator, fields=fields)
+        return SOLVERS[solver](counted, x_1, grid, generator=generator, fields=fields, given=given)

@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from archipelago.experts.batch import Batch
 from archipelago.experts.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from archipelago.experts.conditions import drop_conditions
 from archipelago.experts.conventions import Prediction
 from archipelago.experts.data import Samples
 from archipelago.experts.denoiser import denoising_loss
-from archipelago.experts.domain import Domain
+from archipelago.experts.domain import Domain, Statistics
 
 LossFn = Callable[[nn.Module, Batch, torch.Generator], Tensor]
 OnLog = Callable[[int, dict[str, float]], None]
@@ -49,6 +50,7 @@ class TrainConfig(BaseModel):
     ema_decay: float = Field(0.999, ge=0, lt=1)  # EMA of weights, with the usual (1+n)/(10+n) warm-up
     checkpoint_every: int = Field(500, ge=1)  # steps between checkpoints (and one at the end)
     log_every: int = Field(50, ge=1)  # steps between logged metrics
+    condition_dropout: float = Field(0.1, ge=0, le=1)  # chance each condition is dropped to null (guidance)
     seed: int = 0  # seeds the data order and the noise
     device: str | None = None  # None: CUDA when present, else CPU
     progress: bool = True  # show a progress bar
@@ -196,17 +198,21 @@ def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: Tr
 
 
 def train_expert(config: ExpertConfig, domain: Domain, samples: Samples, folder: str,
-                 on_log: OnLog | None = None) -> TrainResult:
+                 on_log: OnLog | None = None, statistics: Statistics | None = None) -> TrainResult:
     """Train one expert on one partition's samples, checkpointing to `folder` (any storage URI)
-    and resuming from its latest checkpoint there."""
+    and resuming from its latest checkpoint there. Conditions are dropped to null with
+    `condition_dropout`, and the domain's `given_masks` fix entries, so that one expert learns
+    conditional and unconditional generation and completion together. `statistics` (the
+    partition's, for its templates) are saved with every checkpoint."""
     net = seeded(domain.denoiser_network, config.train.seed)
-    fields = domain.fields
+    fields, conditions = domain.fields, domain.conditions
 
     def loss_fn(model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
-        return denoising_loss(model, fields, batch, generator, config.prediction)
+        batch = drop_conditions(batch, conditions, config.train.condition_dropout, generator)
+        return denoising_loss(model, fields, batch, generator, config.prediction, domain.given_masks(batch, generator))
 
     meta = {"kind": "expert", "domain": domain.name, "domain_config": domain.to_config(),
-            "partition": config.partition, "prediction": config.prediction.value,
+            "partition": config.partition, "prediction": config.prediction.value, "statistics": statistics or {},
             "config": {"partition": config.partition, "prediction": config.prediction.value}}
     return run_training(net, loss_fn, samples, config.train, folder, meta, on_log,
                         description=f"expert {config.partition}")

@@ -12,6 +12,15 @@ with weights from the router p(k | x_t, t) according to a routing strategy:
 
 Only experts with a non-zero weight run, each on its own group of the batch, so `top1` costs one
 expert call per sample. `evaluations` counts expert and router calls per sample for reporting.
+
+Classifier-free guidance meets the mixture on the mixed fields: the ensemble forms the conditional
+mixture sum_k p(k | x_t, t, c) u^(k)(x_t | c) and the unconditional one sum_k p(k | x_t, t)
+u^(k)(x_t), each routed by its own posterior, and guides between the two (`ProbabilityPath.guide`).
+Those two mixtures are, by the DDM identity, the conditional and unconditional fields of the whole
+data set, so guided full-mixture sampling is exactly classifier-free guidance of the monolith;
+guiding each expert before mixing would not be (the router's weights differ with and without c).
+At scale 1 the unconditional pass is skipped: the result is the plain conditional ensemble, exactly.
+A guided step costs two passes, like a guided monolith.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ from enum import StrEnum
 import torch
 from torch import Tensor, nn
 
-from archipelago.experts.batch import Batch, Fields, num_samples, per_row, select
+from archipelago.experts.batch import Batch, Fields, Layout, as_layout, num_samples, per_row, select
+from archipelago.experts.conditions import Conditions, null_conditions
 from archipelago.router.training import Router
 
 
@@ -61,8 +71,11 @@ class Ensemble(nn.Module):
     """Experts plus a router, callable as `ensemble(x_t, t) -> {field: mixable quantity}`."""
 
     def __init__(self, experts: Sequence[nn.Module], router: Router | None, fields: Fields,
-                 strategy: Strategy | str = Strategy.TOP1, top_k: int = 2, assignment: Tensor | None = None):
+                 strategy: Strategy | str = Strategy.TOP1, top_k: int = 2, assignment: Tensor | None = None,
+                 layout: Layout | None = None, conditions: Conditions | None = None, guidance: float = 1.0):
         super().__init__()
+        if guidance != 1 and not conditions:
+            raise ValueError(f"guidance {guidance} needs a domain with conditions; this one has none")
         self.strategy = Strategy(strategy)
         if self.strategy in FIXED and assignment is None:
             raise ValueError(f"strategy {self.strategy.value!r} needs a per-sample expert assignment")
@@ -71,7 +84,9 @@ class Ensemble(nn.Module):
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.experts, self.router, self.fields = nn.ModuleList(experts), router, fields
+        self.layout = layout or as_layout(fields)
         self.top_k, self.assignment = top_k, assignment
+        self.conditions, self.guidance = dict(conditions or {}), float(guidance)
         self.evaluations = Evaluations()
 
     def weights(self, x_t: Batch, t: Tensor) -> Tensor:
@@ -84,6 +99,15 @@ class Ensemble(nn.Module):
         return routing_weights(self.router.posterior(x_t, t).to(t.dtype), self.strategy, self.top_k)
 
     def forward(self, x_t: Batch, t: Tensor) -> dict[str, Tensor]:
+        conditional = self.mixture(x_t, t)
+        if self.guidance == 1:
+            return conditional
+        unconditional = self.mixture(null_conditions(x_t, self.conditions), t)
+        return {name: spec.path.guide(unconditional[name], conditional[name], self.guidance)
+                for name, spec in self.fields.items()}
+
+    def mixture(self, x_t: Batch, t: Tensor) -> dict[str, Tensor]:
+        """sum_k w_k(x_t, t) u^(k)(x_t): the routed mixture of the experts' mixable quantities."""
         w = self.weights(x_t, t)  # [B, K]
         mixed: dict[str, Tensor] = {}
         runs = torch.ones_like(w, dtype=torch.bool) if self.strategy is Strategy.FULL else w > 0
@@ -91,7 +115,7 @@ class Ensemble(nn.Module):
             ids = torch.nonzero(runs[:, k]).squeeze(1)
             if len(ids) == 0:
                 continue
-            sub, rows = select(x_t, self.fields, ids)
+            sub, rows = select(x_t, self.layout, ids)
             out = expert(sub, t[ids])
             self.evaluations.expert += len(ids)
             for name, spec in self.fields.items():

@@ -1,33 +1,89 @@
 """Sampling from an ensemble of experts with a routing strategy (DDM, Sec. 3.3 and Table 2).
 
-`sample_ensemble` draws x_1 from the priors, fixes the per-trajectory expert where the strategy
-asks for one (`sample`: k ~ p(k | x_1, t=1); `oracle`: trajectories dealt to clusters in proportion
-to their sizes, i.e. the class-conditional mixture with the true cluster prior), builds the
-`Ensemble` and integrates it with a named solver. It reports network evaluations per sample.
+`SampleRequest` is the one request type of every front end (the SDK, the command line and the
+MLflow model) and holds the one set of sampling defaults. `sample_ensemble` serves it: per batch
+it fixes the per-trajectory expert first where the strategy asks for one (`sample`: k ~ p(k | x_1,
+t = 1); `oracle`: trajectories dealt to clusters in proportion to their sizes, i.e. the
+class-conditional mixture with the true cluster prior), *then* draws the template (the sizes of
+variable-size samples) from that expert's statistics, or from the merged statistics of all
+partitions for per-step strategies; it draws x_1 from the priors, sets the conditions and the given
+entries, builds the `Ensemble` and integrates it with a named solver. It reports network
+evaluations per sample.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
-from archipelago.experts.batch import Batch, num_samples
-from archipelago.experts.domain import Domain
-from archipelago.experts.solvers import draw_prior, integrate
-from archipelago.router.ensemble import Ensemble, Strategy, draw_assignment
+from archipelago.experts.batch import Batch, concat, select
+from archipelago.experts.conditions import condition_batch
+from archipelago.experts.domain import Domain, Statistics, merge_statistics
+from archipelago.experts.solvers import SOLVERS, Given, draw_prior, integrate
+from archipelago.experts.training import pick_device
+from archipelago.router.ensemble import FIXED, Ensemble, Strategy, draw_assignment
 from archipelago.router.training import Router
+
+
+class SampleRequest(BaseModel):
+    """What to generate and how; every front end passes this through unchanged."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n: int = Field(16, ge=1)  # number of samples
+    strategy: Strategy = Strategy.TOP1  # routing: full, topk, top1, sample, oracle
+    solver: str = "heun"  # ODE solver: euler, heun, rk4
+    steps: int = Field(50, ge=1)  # solver steps from t = 1 to t = 0
+    seed: int = 0  # seeds the priors, the assignment and discrete steps
+    top_k: int = Field(2, ge=1)  # experts per step with strategy topk
+    batch_size: int = Field(1024, ge=1)  # samples integrated at once
+    device: str | None = None  # None: CUDA when present, else CPU
+    conditions: dict[str, Any] = {}  # condition name -> one value for all samples, or n values
+    guidance: float = 1.0  # classifier-free guidance scale: 1 the conditional model, 0 the unconditional
+    given: dict[str, Any] = {}  # field name -> values fixed by the user (NaN or -1 where free)
+    progress: bool = False  # show a progress bar
+
+    @field_validator("solver")
+    @classmethod
+    def _known_solver(cls, solver: str) -> str:
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+        return solver
+
+    @field_validator("device")
+    @classmethod
+    def _present_device(cls, device: str | None) -> str | None:
+        check_device(device)
+        return device
+
+
+def check_device(device: str | None) -> torch.device:
+    """The torch device of a setting, or an error naming it when it is not present on this machine."""
+    try:
+        chosen = pick_device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r}: {error}") from error
+    if chosen.type == "cuda" and (not torch.cuda.is_available() or (chosen.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r} is not present on this machine ({torch.cuda.device_count()} CUDA devices)")
+    if chosen.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use cpu or cuda[:index]")
+    return chosen
 
 
 @dataclass(frozen=True)
 class Generated:
-    """Generated samples (in the domain's tensor form) and what they cost."""
+    """Generated samples (in the domain's tensor form), which expert drew each per-trajectory sample,
+    and what they cost."""
 
     batch: Batch
     expert_calls_per_sample: float
     router_calls_per_sample: float
+    assignment: Tensor | None = None  # [n] the expert of each sample (per-trajectory strategies)
 
 
 def oracle_assignment(n: int, cluster_sizes: Sequence[int], generator: torch.Generator | None) -> Tensor:
@@ -41,51 +97,94 @@ def oracle_assignment(n: int, cluster_sizes: Sequence[int], generator: torch.Gen
     return labels[torch.randperm(n, generator=generator)]
 
 
-def _assignment(strategy: Strategy, router: Router | None, x_1: Batch, domain: Domain, n: int,
-                cluster_sizes: Sequence[int] | None, generator: torch.Generator | None) -> Tensor | None:
-    if strategy is Strategy.SAMPLE:
-        if router is None:
-            raise ValueError("strategy 'sample' needs a router")
-        return draw_assignment(router, x_1, domain.fields, generator)
-    if strategy is Strategy.ORACLE:
-        if cluster_sizes is None:
-            raise ValueError("strategy 'oracle' needs the cluster sizes of the partition")
-        return oracle_assignment(n, cluster_sizes, generator)
-    return None
+def check_request(domain: Domain, request: SampleRequest, router: Router | None,
+                  cluster_sizes: Sequence[int] | None) -> None:
+    """Every check of a request against the run, before any sampling work; errors name the bad input."""
+    if request.guidance != 1 and not domain.conditions:
+        raise ValueError(f"guidance {request.guidance} needs conditions; the {domain.name} domain has none")
+    condition_batch(domain.conditions, request.conditions, request.n)
+    if request.strategy not in FIXED and router is None and cluster_sizes is not None and len(cluster_sizes) > 1:
+        raise ValueError(f"strategy {request.strategy.value!r} needs a router; this run has none")
+    if request.strategy is Strategy.ORACLE and cluster_sizes is None:
+        raise ValueError("strategy 'oracle' needs the cluster sizes of the partition")
+    if request.given:
+        domain.given_values(_subset(request.given, torch.arange(request.n), request.n),
+                            domain.template(request.n, torch.Generator().manual_seed(0), None, request.given))
 
 
-def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router | None, n: int,
-                    strategy: Strategy | str = Strategy.TOP1, solver: str = "heun", steps: int = 50,
-                    seed: int = 0, top_k: int = 2, cluster_sizes: Sequence[int] | None = None,
-                    batch_size: int = 1024, progress: bool = False) -> Generated:
-    """Generate n samples in batches of at most `batch_size` (see the module docstring)."""
-    strategy = Strategy(strategy)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    generator = torch.Generator().manual_seed(seed)
-    parts, expert_calls, router_calls = [], 0, 0
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
-        x_1 = draw_prior(domain.fields, domain.template(count, generator), generator)
-        assignment = _assignment(strategy, router, x_1, domain, count, cluster_sizes, generator)
-        ensemble = Ensemble(experts, router, domain.fields, strategy, top_k=top_k, assignment=assignment)
-        parts.append(integrate(ensemble, x_1, domain.fields, solver, steps, generator, progress))
+def _subset(values: Mapping[str, Any], ids: Tensor, n: int) -> dict[str, Any]:
+    """The per-sample entries `ids` of request values that hold n of them (others apply to every sample)."""
+    def pick(value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            return [value[i] for i in ids.tolist()]
+        if hasattr(value, "shape") and len(value.shape) > 0 and value.shape[0] == n and not isinstance(value, str):
+            return value[ids.numpy()]
+        return value
+
+    return {name: pick(value) for name, value in values.items()}
+
+
+def _templates(domain: Domain, ids: Tensor, assignment: Tensor | None, statistics: Sequence[Statistics],
+               given: Mapping[str, Any], n: int, generator: torch.Generator) -> Batch:
+    """The template of samples `ids`: per expert from its own statistics when each sample has an
+    expert, else from the merged statistics of all partitions."""
+    if assignment is None:
+        return domain.template(len(ids), generator, merge_statistics(statistics), _subset(given, ids, n))
+    parts, order = [], []
+    for k in torch.unique(assignment).tolist():
+        mine = ids[assignment == k]
+        parts.append(domain.template(len(mine), generator, statistics[k] if statistics else {}, _subset(given, mine, n)))
+        order.append(torch.nonzero(assignment == k).squeeze(1))
+    grouped = concat(parts, domain.layout)
+    return select(grouped, domain.layout, torch.argsort(torch.cat(order)))[0]
+
+
+def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router | None, request: SampleRequest,
+                    cluster_sizes: Sequence[int] | None = None, statistics: Sequence[Statistics] = (),
+                    decode: Any = None) -> Generated:
+    """Generate `request.n` samples in batches of at most `request.batch_size` (see the module docstring).
+
+    `statistics` are the per-expert statistics (empty when the domain has none); `decode`, when
+    given, maps generated latents back to the records' fields (the run's codec).
+    """
+    check_request(domain, request, router, cluster_sizes)
+    device = check_device(request.device)
+    generator = torch.Generator().manual_seed(request.seed)
+    parts, assignments, expert_calls, router_calls = [], [], 0, 0
+    for start in range(0, request.n, request.batch_size):
+        ids = torch.arange(start, min(start + request.batch_size, request.n))
+        assignment = _assignment(domain, request, router, cluster_sizes, statistics, ids, generator)
+        template = _templates(domain, ids, assignment, statistics, request.given, request.n, generator)
+        template.update(condition_batch(domain.conditions, _subset(request.conditions, ids, request.n), len(ids)))
+        given = {name: Given.from_values(values) for name, values in
+                 domain.given_values(_subset(request.given, ids, request.n), template).items()}
+        x_1 = {name: value.to(device) for name, value in draw_prior(domain.fields, template, generator).items()}
+        ensemble = Ensemble(experts, router, domain.fields, request.strategy, top_k=request.top_k,
+                            assignment=None if assignment is None else assignment.to(device), layout=domain.layout,
+                            conditions=domain.conditions, guidance=request.guidance)
+        out = integrate(ensemble, x_1, domain.fields, request.solver, request.steps, generator, request.progress,
+                        given={name: Given(g.values.to(device), g.mask.to(device)) for name, g in given.items()})
+        parts.append({name: value.cpu() for name, value in (decode(out) if decode else out).items()})
+        assignments.append(assignment)
         expert_calls += ensemble.evaluations.expert
-        router_calls += ensemble.evaluations.router + (count if strategy is Strategy.SAMPLE else 0)
-    return Generated(batch=concat_batches(parts, domain), expert_calls_per_sample=expert_calls / n,
-                     router_calls_per_sample=router_calls / n)
+        router_calls += ensemble.evaluations.router + (len(ids) if request.strategy is Strategy.SAMPLE else 0)
+    return Generated(batch=concat(parts, domain.layout if decode is None else {}), assignment=None
+                     if assignments[0] is None else torch.cat(assignments),
+                     expert_calls_per_sample=expert_calls / request.n, router_calls_per_sample=router_calls / request.n)
 
 
-def concat_batches(parts: Sequence[Batch], domain: Domain) -> Batch:
-    """Concatenate batches sample-wise, shifting the index tensors of variable-size fields."""
-    indices = {spec.index for spec in domain.fields.values() if spec.index is not None}
-    out: Batch = {}
-    offset = 0
-    shifted: dict[str, list[Tensor]] = {name: [] for name in indices}
-    for part in parts:
-        for name in indices:
-            shifted[name].append(part[name] + offset)
-        offset += num_samples(part, domain.fields)
-    for name in parts[0]:
-        out[name] = torch.cat(shifted[name] if name in indices else [p[name] for p in parts])
-    return out
+def _assignment(domain: Domain, request: SampleRequest, router: Router | None, cluster_sizes: Sequence[int] | None,
+                statistics: Sequence[Statistics], ids: Tensor, generator: torch.Generator) -> Tensor | None:
+    """The expert of each trajectory, drawn before its template, for the per-trajectory strategies."""
+    if request.strategy is Strategy.ORACLE:
+        return oracle_assignment(len(ids), cluster_sizes, generator)
+    if request.strategy is not Strategy.SAMPLE:
+        return None
+    if router is None:
+        raise ValueError("strategy 'sample' needs a router")
+    # p(k | x_1, t = 1) on noise drawn from the merged template; the trajectory's own template is drawn next.
+    probe = _templates(domain, ids, None, statistics, request.given, request.n, generator)
+    probe.update(condition_batch(domain.conditions, _subset(request.conditions, ids, request.n), len(ids)))
+    x_1 = draw_prior(domain.fields, probe, generator)
+    device = next(router.parameters(), torch.empty(0)).device
+    return draw_assignment(router, {k: v.to(device) for k, v in x_1.items()}, domain.fields, generator).cpu()

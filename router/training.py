@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from archipelago.experts.batch import Batch, Fields
+from archipelago.experts.conditions import Conditions, drop_conditions
 from archipelago.experts.data import Samples, hash_tensors
 from archipelago.experts.denoiser import noise_batch
 from archipelago.experts.domain import Domain
@@ -61,8 +62,11 @@ class Router(nn.Module):
         return self(x_t, t).softmax(dim=-1)  # [B, K]
 
 
-def router_loss(model: nn.Module, fields: Fields, batch: Batch, generator: torch.Generator) -> Tensor:
-    """Cross-entropy of the router on x_t ~ p_t(. | x_0), t ~ U[0, 1], against x_0's partition."""
+def router_loss(model: nn.Module, fields: Fields, batch: Batch, generator: torch.Generator,
+                conditions: Conditions | None = None, condition_dropout: float = 0.0) -> Tensor:
+    """Cross-entropy of the router on x_t ~ p_t(. | x_0), t ~ U[0, 1], against x_0's partition; its
+    conditions are dropped to null as the experts' are, so it learns p(k | x_t, t, c) and p(k | x_t, t)."""
+    batch = drop_conditions(batch, conditions or {}, condition_dropout, generator)
     noised = noise_batch(batch, fields, generator)
     return nn.functional.cross_entropy(model(noised.x_t, noised.t), batch[LABEL])
 
@@ -77,7 +81,7 @@ def train_router(config: RouterConfig, domain: Domain, samples: Samples, labels:
     router = Router(seeded(lambda: domain.router_network(config.num_experts), config.train.seed), fields)
 
     def loss_fn(model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
-        return router_loss(model, fields, batch, generator)
+        return router_loss(model, fields, batch, generator, domain.conditions, config.train.condition_dropout)
 
     meta = {"kind": "router", "domain": domain.name, "domain_config": domain.to_config(),
             "config": {"num_experts": config.num_experts}}

@@ -58,7 +58,7 @@ class VectorDomain(Domain):
     def router_network(self, num_experts):
         return VectorNet(self.dim, num_experts, key=None)
 
-    def template(self, n, generator=None):
+    def template(self, n, generator=None, statistics=None, given=None):
         return {"x": torch.zeros(n, self.dim)}
 
     def decode(self, batch):
@@ -130,7 +130,7 @@ class PointSetDomain(Domain):
     def router_network(self, num_experts):
         return PointSetNet(self.categories, num_experts)
 
-    def template(self, n, generator=None):
+    def template(self, n, generator=None, statistics=None, given=None):
         choice = torch.randint(len(self.sizes), (n,), generator=generator)
         counts = torch.tensor(self.sizes)[choice]
         rows = int(counts.sum())

@@ -127,7 +127,8 @@ class TimeSeriesDomain(Domain):
         return TimeSeriesRouterNet(RouterConfig(self.channels, c.window, num_experts, c.router_width,
                                                 c.router_depth, c.heads))
 
-    def template(self, n: int, generator: torch.Generator | None = None) -> Batch:
+    def template(self, n: int, generator: torch.Generator | None = None, statistics: dict | None = None,
+                 given: dict | None = None) -> Batch:
         return {"x": torch.zeros(n, self.config.window, self.channels)}
 
     def decode(self, batch: Batch) -> np.ndarray:
