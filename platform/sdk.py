@@ -25,7 +25,7 @@ from archipelago.experts.domain import Domain
 from archipelago.platform import runner, steps
 from archipelago.platform.config import RunConfig
 from archipelago.platform.runner import Launch
-from archipelago.router.sampling import sample_ensemble
+from archipelago.router.sampling import SampleRequest
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,8 @@ class Run:
     ) -> Samples:
         """Generate n samples with a routing strategy (full, topk, top1, sample, oracle) and an ODE solver."""
         e = self.ensemble
-        generated = sample_ensemble(
-            e.domain, e.experts, e.router, n, strategy, solver, steps, seed, top_k, e.cluster_sizes, batch_size,
-            progress,
-        )
+        generated = e.sample(SampleRequest(n=n, strategy=strategy, solver=solver, steps=steps, seed=seed, top_k=top_k,
+                                           batch_size=batch_size, progress=progress))
         return Samples(
             items=e.domain.decode(generated.batch),
             batch=generated.batch,

@@ -18,6 +18,7 @@ training resumes from the latest checkpoint.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +28,14 @@ import torch
 
 from archipelago.domains import domain_class, domain_reference
 from archipelago.experts import storage
+from archipelago.experts.batch import Batch
 from archipelago.experts.checkpoint import ema_weights, latest_checkpoint
 from archipelago.experts.denoiser import Denoiser
-from archipelago.experts.domain import Domain
+from archipelago.experts.domain import Domain, Statistics
 from archipelago.experts.training import ExpertConfig, OnLog, TrainResult, derive_seed, train_expert
 from archipelago.platform.config import RunConfig, identity_diff, validate_domain
 from archipelago.router.partition import Partition, kmeans_partition
+from archipelago.router.sampling import Generated, SampleRequest, sample_ensemble
 from archipelago.router.training import Router, RouterConfig, train_router
 
 RUN_FILE, DOMAIN_FILE, PARTITION_FILE, ENSEMBLE_FILE = "run.json", "domain.json", "partition.json", "ensemble.json"
@@ -124,8 +127,10 @@ def _write_partition(run_dir: str, domain: Domain, records: pa.Table, clusters: 
     for k in range(len(clusters.centroids)):
         _write_table(storage.join(run_dir, "data", f"expert={k}", "part-0.parquet"),
                      records.filter(pa.array(clusters.labels == k)))
+    statistics = [domain.statistics(records.filter(pa.array(clusters.labels == k)))
+                  for k in range(len(clusters.centroids))]
     summary = {**clusters.to_dict(), "data_fingerprint": domain.samples(records).fingerprint(),
-               "features": f"{domain.name}.features"}
+               "features": f"{domain.name}.features", "statistics": statistics}
     storage.write_json(storage.join(run_dir, PARTITION_FILE), summary)
     return summary
 
@@ -152,7 +157,9 @@ def train_expert_step(run_dir: str, k: int, on_log: OnLog | None = None) -> Trai
         raise ValueError(f"expert {k} does not exist: the run has experts 0..{config.experts - 1}")
     train = config.expert.model_copy(update={"seed": derive_seed(config.seed, "expert", k)})
     expert = ExpertConfig(partition=k, prediction=config.prediction, train=train)
-    return train_expert(expert, domain, domain.samples(expert_records(run_dir, k)), expert_dir(run_dir, k), on_log)
+    statistics = storage.read_json(storage.join(run_dir, PARTITION_FILE))["statistics"][k]
+    return train_expert(expert, domain, domain.samples(expert_records(run_dir, k)), expert_dir(run_dir, k), on_log,
+                        statistics)
 
 
 def train_router_step(run_dir: str, on_log: OnLog | None = None) -> TrainResult:
@@ -179,10 +186,11 @@ def assemble(run_dir: str) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"experts {missing} of {run_dir} have no checkpoint: train them first")
     router = latest_checkpoint(router_dir(run_dir))
-    sizes = storage.read_json(storage.join(run_dir, PARTITION_FILE))["sizes"]
+    summary = storage.read_json(storage.join(run_dir, PARTITION_FILE))
     ensemble = {
         "experts": [["experts", f"expert-{k}", storage.base_name(uri)] for k, uri in enumerate(experts)],
-        "cluster_sizes": sizes,
+        "cluster_sizes": summary["sizes"],
+        "statistics": summary["statistics"],
         "router": ["router", storage.base_name(router)] if router else None,
     }
     storage.write_json(storage.join(run_dir, ENSEMBLE_FILE), ensemble)
@@ -191,12 +199,20 @@ def assemble(run_dir: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class LoadedEnsemble:
-    """A run's domain, experts (EMA weights), router and cluster sizes, ready to sample."""
+    """A run's domain, experts (EMA weights), router, cluster sizes and per-expert statistics, ready
+    to sample; `decode` maps generated latents back to records' fields when the run has a codec."""
 
     domain: Domain
     experts: list[Denoiser]
     router: Router | None
     cluster_sizes: list[int]
+    statistics: list[Statistics]
+    decode: Callable[[Batch], Batch] | None = None
+
+    def sample(self, request: SampleRequest) -> Generated:
+        """Generate samples for a request (see `archipelago.router.sampling`)."""
+        return sample_ensemble(self.domain, self.experts, self.router, request, self.cluster_sizes, self.statistics,
+                               self.decode)
 
 
 def load_ensemble(run_dir: str, device: str | torch.device = "cpu") -> LoadedEnsemble:
@@ -215,4 +231,5 @@ def load_ensemble(run_dir: str, device: str | torch.device = "cpu") -> LoadedEns
         router = Router(domain.router_network(config.experts), domain.fields)
         router.load_state_dict(ema_weights(storage.join(run_dir, *saved["router"])))
         router = router.to(device).eval()
-    return LoadedEnsemble(domain=domain, experts=experts, router=router, cluster_sizes=saved["cluster_sizes"])
+    return LoadedEnsemble(domain=domain, experts=experts, router=router, cluster_sizes=saved["cluster_sizes"],
+                          statistics=saved["statistics"])
