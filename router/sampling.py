@@ -133,7 +133,8 @@ def _templates(domain: Domain, ids: Tensor, assignment: Tensor | None, statistic
     parts, order = [], []
     for k in torch.unique(assignment).tolist():
         mine = ids[assignment == k]
-        parts.append(domain.template(len(mine), generator, statistics[k] if statistics else {}, _subset(given, mine, n)))
+        own = statistics[k] if statistics else {}
+        parts.append(domain.template(len(mine), generator, own, _subset(given, mine, n)))
         order.append(torch.nonzero(assignment == k).squeeze(1))
     grouped = concat(parts, domain.layout)
     return select(grouped, domain.layout, torch.argsort(torch.cat(order)))[0]
