@@ -89,3 +89,44 @@ class RaggedSamples(Samples):
 
     def fingerprint(self) -> str:
         return hash_tensors({**self.ragged, **self.dense, "__sizes__": self.sizes})
+
+
+class LevelSamples(Samples):
+    """Samples with one or more variable-size levels (nodes and edges, say), dense tensors beside them.
+
+    `levels` maps each level's index name to (its tensors stacked over all samples, per-sample row
+    counts); `links` maps a tensor to the level whose rows it numbers, with each sample's values
+    counted from 0 within that sample (an edge (0, 2) joins the sample's first and third node). A
+    batch renumbers links to rows of the batch, so they can index the batch's tensors directly.
+    """
+
+    def __init__(self, levels: Mapping[str, tuple[Mapping[str, Tensor], Tensor]],
+                 dense: Mapping[str, Tensor] | None = None, links: Mapping[str, str] | None = None):
+        self.levels = {index: RaggedSamples(tensors, sizes, index=index) for index, (tensors, sizes) in levels.items()}
+        counts = {index: len(level) for index, level in self.levels.items()}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"levels disagree on the number of samples: {counts}")
+        self.dense, self.links = dict(dense or {}), dict(links or {})
+
+    def __len__(self) -> int:
+        return len(next(iter(self.levels.values())))
+
+    def batch(self, ids: Tensor) -> Batch:
+        out = {name: value[ids] for name, value in self.dense.items()}
+        for level in self.levels.values():
+            out.update(level.batch(ids))
+        for name, index in self.links.items():
+            counts = self.levels[index].sizes[ids]
+            starts = torch.cumsum(counts, 0) - counts  # first row of each sample in the batch's level
+            owner = out[self._level_of(name)]
+            out[name] = out[name] + starts[owner].reshape(-1, *([1] * (out[name].dim() - 1)))
+        return out
+
+    def _level_of(self, name: str) -> str:
+        return next(index for index, level in self.levels.items() if name in level.ragged)
+
+    def fingerprint(self) -> str:
+        tensors = dict(self.dense)
+        for index, level in self.levels.items():
+            tensors.update({f"{index}/{k}": v for k, v in level.ragged.items()} | {f"{index}/__sizes__": level.sizes})
+        return hash_tensors(tensors)

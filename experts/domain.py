@@ -131,8 +131,9 @@ class Domain(ABC):
         return out
 
     def codec_network(self) -> nn.Module | None:
-        """A fresh codec (autoencoder) with encode(batch) -> latents, decode(latents) -> batch and
-        loss(batch) -> scalar, or None. With a codec, `fields` are the latent fields."""
+        """A fresh codec (autoencoder), or None: `encode(batch) -> latents`, `decode(latents) -> batch`,
+        `loss(batch) -> scalar`, and `inputs`, the names of the record tensors it encodes. With a
+        codec, `fields` are the latent fields (see `archipelago.experts.codec`)."""
         return None
 
     @abstractmethod

@@ -31,6 +31,9 @@ from archipelago.experts.domain import Domain, Statistics
 
 LossFn = Callable[[nn.Module, Batch, torch.Generator], Tensor]
 OnLog = Callable[[int, dict[str, float]], None]
+# Makes the training's progress bar, called like tqdm (iterable, desc, disable, initial, total); the
+# bar is iterated and answers set_postfix and close. None: tqdm.auto.tqdm.
+ProgressBar = Callable[..., Any]
 
 # Keys that may change between a checkpoint and its resumption; every other key must match.
 RESUMABLE_KEYS = frozenset({"steps", "checkpoint_every", "log_every", "progress"})
@@ -140,7 +143,8 @@ def check_resumable(meta: dict[str, Any], config: dict[str, Any], fingerprint: s
 
 
 def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: TrainConfig, folder: str,
-                 meta: dict[str, Any], on_log: OnLog | None = None, description: str = "train") -> TrainResult:
+                 meta: dict[str, Any], on_log: OnLog | None = None, description: str = "train",
+                 progress_bar: ProgressBar | None = None) -> TrainResult:
     """The training loop shared by experts and the router (see the module docstring)."""
     device = pick_device(config.device)
     model.to(device)
@@ -161,8 +165,8 @@ def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: Tr
         start = checkpoint.meta["step"]
     resumed_from, last_loss, uri = start, float("nan"), latest
     window_loss, window_steps, window_start, t0 = 0.0, 0, time.perf_counter(), time.perf_counter()
-    bar = tqdm(range(start, config.steps), desc=description, disable=not config.progress, initial=start,
-               total=config.steps)
+    bar = (progress_bar or tqdm)(range(start, config.steps), desc=description, disable=not config.progress,
+                                 initial=start, total=config.steps)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
@@ -198,12 +202,14 @@ def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: Tr
 
 
 def train_expert(config: ExpertConfig, domain: Domain, samples: Samples, folder: str,
-                 on_log: OnLog | None = None, statistics: Statistics | None = None) -> TrainResult:
+                 on_log: OnLog | None = None, statistics: Statistics | None = None,
+                 progress_bar: ProgressBar | None = None) -> TrainResult:
     """Train one expert on one partition's samples, checkpointing to `folder` (any storage URI)
     and resuming from its latest checkpoint there. Conditions are dropped to null with
     `condition_dropout`, and the domain's `given_masks` fix entries, so that one expert learns
     conditional and unconditional generation and completion together. `statistics` (the
-    partition's, for its templates) are saved with every checkpoint."""
+    partition's, for its templates) are saved with every checkpoint. `progress_bar` makes the bar
+    (see `ProgressBar`; the platform passes Ray's inside Ray workers)."""
     net = seeded(domain.denoiser_network, config.train.seed)
     fields, conditions = domain.fields, domain.conditions
 
@@ -215,4 +221,4 @@ def train_expert(config: ExpertConfig, domain: Domain, samples: Samples, folder:
             "partition": config.partition, "prediction": config.prediction.value, "statistics": statistics or {},
             "config": {"partition": config.partition, "prediction": config.prediction.value}}
     return run_training(net, loss_fn, samples, config.train, folder, meta, on_log,
-                        description=f"expert {config.partition}")
+                        description=f"expert {config.partition}", progress_bar=progress_bar)

@@ -54,6 +54,7 @@ class RunConfig(BaseModel):
     partition: PartitionConfig = PartitionConfig()
     expert: TrainConfig = TrainConfig()  # training of each expert (its seed is derived per expert)
     router: TrainConfig = TrainConfig(steps=500)  # training of the router
+    codec: TrainConfig = TrainConfig(steps=500)  # training of the domain's codec (only domains with one)
     placement: list[Placement] | None = None  # per expert; None: every expert anywhere
     router_placement: Placement = Placement()
 

@@ -86,6 +86,7 @@ def fit(config: RunConfig, run_dir: str, source: Any = None, domain: Domain | No
     domain = preflight(config, run_dir, launch, domain)
     steps.prepare(config, run_dir, source=source, domain=domain)
     steps.partition(run_dir)
+    steps.encode(run_dir)
     uri = tracking.resolve_tracking_uri(launch.tracking_uri) if launch.track else None
     parent = tracking.start_parent(uri, launch.experiment, config.model_dump(mode="json"), run_dir) if uri else None
     target = TrackingTarget(uri, parent) if uri else None

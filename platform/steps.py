@@ -5,6 +5,8 @@
     records/part-0.parquet          the ingested records
     partition.json                  centroids, cluster sizes, feature standardization, data fingerprint
     data/expert=<k>/part-0.parquet  the records of cluster k (hive-partitioned)
+    codec/, latents/expert=<k>/     domains with a codec: its checkpoints, and cluster k's latents
+    latents.json                    marks the latents complete and names the codec checkpoint
     experts/expert-<k>/             expert k's checkpoints (safetensors + JSON, LATEST pointer)
     router/                         the router's checkpoints
     ensemble.json                   the assembled ensemble: expert and router checkpoints, cluster sizes
@@ -30,15 +32,26 @@ from archipelago.domains import domain_class, domain_reference
 from archipelago.experts import storage
 from archipelago.experts.batch import Batch
 from archipelago.experts.checkpoint import ema_weights, latest_checkpoint
+from archipelago.experts.codec import encode_samples, latent_samples, latents_to_table, load_codec, train_codec
+from archipelago.experts.data import Samples
 from archipelago.experts.denoiser import Denoiser
 from archipelago.experts.domain import Domain, Statistics
-from archipelago.experts.training import ExpertConfig, OnLog, TrainResult, derive_seed, train_expert
+from archipelago.experts.training import (
+    ExpertConfig,
+    OnLog,
+    ProgressBar,
+    TrainResult,
+    derive_seed,
+    pick_device,
+    train_expert,
+)
 from archipelago.platform.config import RunConfig, identity_diff, validate_domain
 from archipelago.router.partition import Partition, kmeans_partition
 from archipelago.router.sampling import Generated, SampleRequest, sample_ensemble
 from archipelago.router.training import Router, RouterConfig, train_router
 
 RUN_FILE, DOMAIN_FILE, PARTITION_FILE, ENSEMBLE_FILE = "run.json", "domain.json", "partition.json", "ensemble.json"
+LATENTS_FILE = "latents.json"
 
 
 class RunConflict(ValueError):
@@ -51,6 +64,10 @@ def expert_dir(run_dir: str, k: int) -> str:
 
 def router_dir(run_dir: str) -> str:
     return storage.join(run_dir, "router")
+
+
+def codec_dir(run_dir: str) -> str:
+    return storage.join(run_dir, "codec")
 
 
 def _write_table(uri: str, table: pa.Table) -> None:
@@ -145,36 +162,83 @@ def partition(run_dir: str) -> dict[str, Any]:
     return _write_partition(run_dir, domain, records, _cluster(config, domain, records))
 
 
+def encode(run_dir: str, on_log: OnLog | None = None) -> dict[str, Any] | None:
+    """Domains with a codec: train it on all records, then store every partition's latents once
+    (latents/expert=<k>/), so that experts and the router read latents and never run the encoder.
+    Done when latents.json exists; None for domains without a codec."""
+    domain = load_domain(run_dir)
+    if domain.codec_network() is None:
+        return None
+    done = storage.join(run_dir, LATENTS_FILE)
+    if storage.exists(done):
+        return storage.read_json(done)
+    config = load_config(run_dir)
+    train = config.codec.model_copy(update={"seed": derive_seed(config.seed, "codec")})
+    records = pa.concat_tables([expert_records(run_dir, k) for k in range(config.experts)])
+    result = train_codec(train, domain, domain.samples(records), codec_dir(run_dir), on_log)
+    codec = load_codec(domain, result.checkpoint, pick_device(train.device))
+    for k in range(config.experts):
+        latents = encode_samples(codec, domain.samples(expert_records(run_dir, k)))
+        _write_table(storage.join(run_dir, "latents", f"expert={k}", "part-0.parquet"), latents_to_table(latents))
+    summary = {"codec": ["codec", storage.base_name(result.checkpoint)]}
+    storage.write_json(done, summary)
+    return summary
+
+
 def expert_records(run_dir: str, k: int) -> pa.Table:
     """The records of partition k only."""
     return read_table(storage.join(run_dir, "data", f"expert={k}", "part-0.parquet"))
 
 
-def train_expert_step(run_dir: str, k: int, on_log: OnLog | None = None) -> TrainResult:
-    """Train (or resume) expert k on its own partition."""
-    config, domain = load_config(run_dir), load_domain(run_dir)
+def expert_samples(run_dir: str, k: int, domain: Domain) -> Samples:
+    """What expert k trains on: its partition's records as tensors, or its stored latents when the
+    run has a codec."""
+    return _as_samples(run_dir, domain)(_training_table(run_dir, k))
+
+
+def _training_table(run_dir: str, k: int) -> pa.Table:
+    if storage.exists(storage.join(run_dir, LATENTS_FILE)):
+        return read_table(storage.join(run_dir, "latents", f"expert={k}", "part-0.parquet"))
+    return expert_records(run_dir, k)
+
+
+def _as_samples(run_dir: str, domain: Domain) -> Callable[[pa.Table], Samples]:
+    return latent_samples if storage.exists(storage.join(run_dir, LATENTS_FILE)) else domain.samples
+
+
+def check_expert(config: RunConfig, k: int) -> None:
+    """Raise ValueError unless expert k is one of the run's experts."""
     if not 0 <= k < config.experts:
         raise ValueError(f"expert {k} does not exist: the run has experts 0..{config.experts - 1}")
+
+
+def train_expert_step(run_dir: str, k: int, on_log: OnLog | None = None,
+                      progress_bar: ProgressBar | None = None) -> TrainResult:
+    """Train (or resume) expert k on its own partition."""
+    config, domain = load_config(run_dir), load_domain(run_dir)
+    check_expert(config, k)
     train = config.expert.model_copy(update={"seed": derive_seed(config.seed, "expert", k)})
     expert = ExpertConfig(partition=k, prediction=config.prediction, train=train)
     statistics = storage.read_json(storage.join(run_dir, PARTITION_FILE))["statistics"][k]
-    return train_expert(expert, domain, domain.samples(expert_records(run_dir, k)), expert_dir(run_dir, k), on_log,
-                        statistics)
+    return train_expert(expert, domain, expert_samples(run_dir, k, domain), expert_dir(run_dir, k), on_log,
+                        statistics, progress_bar)
 
 
-def train_router_step(run_dir: str, on_log: OnLog | None = None) -> TrainResult:
+def train_router_step(run_dir: str, on_log: OnLog | None = None,
+                      progress_bar: ProgressBar | None = None) -> TrainResult:
     """Train (or resume) the router on every partition's records with their cluster labels."""
     config, domain = load_config(run_dir), load_domain(run_dir)
-    tables = [expert_records(run_dir, k) for k in range(config.experts)]
+    tables = [_training_table(run_dir, k) for k in range(config.experts)]
     labels = torch.cat([torch.full((t.num_rows,), k) for k, t in enumerate(tables)])
     train = config.router.model_copy(update={"seed": derive_seed(config.seed, "router")})
     return train_router(
         RouterConfig(num_experts=config.experts, train=train),
         domain,
-        domain.samples(pa.concat_tables(tables)),
+        _as_samples(run_dir, domain)(pa.concat_tables(tables)),
         labels,
         router_dir(run_dir),
         on_log,
+        progress_bar,
     )
 
 
@@ -191,6 +255,8 @@ def assemble(run_dir: str) -> dict[str, Any]:
         "experts": [["experts", f"expert-{k}", storage.base_name(uri)] for k, uri in enumerate(experts)],
         "cluster_sizes": summary["sizes"],
         "statistics": summary["statistics"],
+        "codec": storage.read_json(latents)["codec"] if storage.exists(latents := storage.join(run_dir, LATENTS_FILE))
+        else None,
         "router": ["router", storage.base_name(router)] if router else None,
     }
     storage.write_json(storage.join(run_dir, ENSEMBLE_FILE), ensemble)
@@ -231,5 +297,17 @@ def load_ensemble(run_dir: str, device: str | torch.device = "cpu") -> LoadedEns
         router = Router(domain.router_network(config.experts), domain.fields)
         router.load_state_dict(ema_weights(storage.join(run_dir, *saved["router"])))
         router = router.to(device).eval()
+    decode = None
+    if saved.get("codec"):
+        decode = _decoder(domain, load_codec(domain, storage.join(run_dir, *saved["codec"]), device))
     return LoadedEnsemble(domain=domain, experts=experts, router=router, cluster_sizes=saved["cluster_sizes"],
-                          statistics=saved["statistics"])
+                          statistics=saved["statistics"], decode=decode)
+
+
+def _decoder(domain: Domain, codec: torch.nn.Module) -> Callable[[Batch], Batch]:
+    """Generated latents -> the records' fields, other tensors (conditions) kept."""
+    def decode(latents: Batch) -> Batch:
+        with torch.no_grad():
+            return {**{k: v for k, v in latents.items() if k not in domain.fields}, **codec.decode(latents)}
+
+    return decode

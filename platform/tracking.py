@@ -354,7 +354,7 @@ def copy_for_sampling(run_dir: str, dest: str) -> str:
     if not storage.exists(ensemble_uri):
         raise FileNotFoundError(f"{run_dir} has no {steps.ENSEMBLE_FILE}: assemble the run before logging its model")
     ensemble = storage.read_json(ensemble_uri)
-    checkpoints = ensemble["experts"] + ([ensemble["router"]] if ensemble["router"] else [])
+    checkpoints = ensemble["experts"] + [ensemble[part] for part in ("router", "codec") if ensemble.get(part)]
     names += ["/".join([*parts, file]) for parts in checkpoints for file in ("model.safetensors", "meta.json")]
     for name in names:
         target = Path(dest, name)

@@ -35,18 +35,20 @@ class SampleRequest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    n: int = Field(16, ge=1)  # number of samples
-    strategy: Strategy = Strategy.TOP1  # routing: full, topk, top1, sample, oracle
-    solver: str = "heun"  # ODE solver: euler, heun, rk4
-    steps: int = Field(50, ge=1)  # solver steps from t = 1 to t = 0
-    seed: int = 0  # seeds the priors, the assignment and discrete steps
-    top_k: int = Field(2, ge=1)  # experts per step with strategy topk
-    batch_size: int = Field(1024, ge=1)  # samples integrated at once
-    device: str | None = None  # None: CUDA when present, else CPU
-    conditions: dict[str, Any] = {}  # condition name -> one value for all samples, or n values
-    guidance: float = 1.0  # classifier-free guidance scale: 1 the conditional model, 0 the unconditional
-    given: dict[str, Any] = {}  # field name -> values fixed by the user (NaN or -1 where free)
-    progress: bool = False  # show a progress bar
+    # The descriptions double as the help text of the command line's flags.
+    n: int = Field(16, ge=1, description="number of samples")
+    strategy: Strategy = Field(Strategy.TOP1, description="routing: full, topk, top1, sample, oracle")
+    solver: str = Field("heun", description="ODE solver: euler, heun, rk4")
+    steps: int = Field(50, ge=1, description="solver steps from t = 1 to t = 0")
+    seed: int = Field(0, description="seeds the priors, the assignment and discrete steps")
+    top_k: int = Field(2, ge=1, description="experts per step with strategy topk")
+    batch_size: int = Field(1024, ge=1, description="samples integrated at once")
+    device: str | None = Field(None, description="torch device; None: CUDA when present, else CPU")
+    conditions: dict[str, Any] = Field({}, description="condition name -> one value for all samples, or n values")
+    guidance: float = Field(1.0, description="classifier-free guidance scale: 1 the conditional model, "
+                                             "0 the unconditional")
+    given: dict[str, Any] = Field({}, description="field name -> values fixed by the user (NaN or -1 where free)")
+    progress: bool = Field(False, description="show a progress bar")
 
     @field_validator("solver")
     @classmethod

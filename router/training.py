@@ -16,7 +16,7 @@ from archipelago.experts.conditions import Conditions, drop_conditions
 from archipelago.experts.data import Samples, hash_tensors
 from archipelago.experts.denoiser import noise_batch
 from archipelago.experts.domain import Domain
-from archipelago.experts.training import OnLog, TrainConfig, TrainResult, run_training, seeded
+from archipelago.experts.training import OnLog, ProgressBar, TrainConfig, TrainResult, run_training, seeded
 
 LABEL = "partition"  # the batch key of the cluster label during router training
 
@@ -72,8 +72,9 @@ def router_loss(model: nn.Module, fields: Fields, batch: Batch, generator: torch
 
 
 def train_router(config: RouterConfig, domain: Domain, samples: Samples, labels: Tensor, folder: str,
-                 on_log: OnLog | None = None) -> TrainResult:
-    """Train the router on all samples with their partition labels, checkpointing to `folder`."""
+                 on_log: OnLog | None = None, progress_bar: ProgressBar | None = None) -> TrainResult:
+    """Train the router on all samples with their partition labels, checkpointing to `folder`;
+    `progress_bar` makes the bar (see `archipelago.experts.training.ProgressBar`)."""
     if int(labels.max()) >= config.num_experts or int(labels.min()) < 0:
         raise ValueError(f"partition labels must lie in [0, {config.num_experts}), "
                          f"got [{int(labels.min())}, {int(labels.max())}]")
@@ -86,4 +87,4 @@ def train_router(config: RouterConfig, domain: Domain, samples: Samples, labels:
     meta = {"kind": "router", "domain": domain.name, "domain_config": domain.to_config(),
             "config": {"num_experts": config.num_experts}}
     return run_training(router, loss_fn, LabelledSamples(samples, labels), config.train, folder, meta,
-                        on_log, description="router")
+                        on_log, description="router", progress_bar=progress_bar)

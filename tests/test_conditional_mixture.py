@@ -65,7 +65,7 @@ class AnalyticExpert(nn.Module):
 class AnalyticRouterNet(nn.Module):
     def forward(self, x_t, t):
         logits = log_density(x_t["x"], t).masked_fill(~allowed(x_t["label"]), -math.inf)
-        return torch.stack([torch.logsumexp(logits[:, CLUSTER == k], 1) for k in range(2)], 1)
+        return torch.stack([torch.logsumexp(logits[:, k == CLUSTER], 1) for k in range(2)], 1)
 
 
 def marginal_velocity(x, t, label):
