@@ -142,6 +142,8 @@ class ToyGraphDomain(Domain):
     def given_values(self, given, template):
         if set(given) - {"node_type"}:
             raise ValueError(f"only node_type can be given, not {sorted(set(given) - {'node_type'})}")
+        if not given:
+            return {}
         return {"node_type": torch.tensor([v for types in given["node_type"] for v in types])}
 
     def decode(self, batch):
