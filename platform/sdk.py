@@ -37,6 +37,7 @@ class Samples:
     strategy: str
     expert_calls_per_sample: float
     router_calls_per_sample: float
+    assignment: Any = None  # [n] the expert of each sample, for per-trajectory strategies (sample, oracle)
 
 
 class Run:
@@ -75,6 +76,7 @@ class Run:
             strategy=strategy,
             expert_calls_per_sample=generated.expert_calls_per_sample,
             router_calls_per_sample=generated.router_calls_per_sample,
+            assignment=generated.assignment,
         )
 
     def records(self) -> pa.Table:
