@@ -25,11 +25,10 @@ import argparse
 import os
 import sys
 
-from archipelago.experts.solvers import SOLVERS
-from archipelago.platform import cli_config, jobs, runner, sdk, steps, tasks, tracking
+from archipelago.platform import cli_config, jobs, runner, sample_files, sdk, steps, tasks, tracking
 from archipelago.platform.cli_config import ConfigError, Settings
 from archipelago.platform.islands import MissingIslandError, TaskFailedError, use_token_auth
-from archipelago.router.ensemble import Strategy
+from archipelago.platform.status import run_status, status_text
 
 PROG = "archipelago"
 RUNTIME_ERRORS = (OSError, ValueError, MissingIslandError, TaskFailedError)  # exit 1, one line
@@ -83,9 +82,9 @@ def partition(args: argparse.Namespace) -> int:
         print(f"# plan\ncheck, ingest and partition into {run_dir}" if s else f"# plan\npartition {run_dir}")
         return 0
     if s:
-        local = runner.Launch(ray=False, track=False)
-        steps.prepare(s.config, s.run_dir, domain=runner.preflight(s.config, s.run_dir, local, s.domain))
+        runner.prepare(s.config, s.run_dir, runner.Launch(ray=False, track=False), domain=s.domain)
     summary = steps.partition(run_dir)
+    steps.encode(run_dir)
     print(f"partitioned {run_dir}: cluster sizes {summary['sizes']}")
     return 0
 
@@ -123,26 +122,20 @@ def assemble(args: argparse.Namespace) -> int:
 
 
 def sample(args: argparse.Namespace) -> int:
-    writer = cli_config.sample_writer(args.out)
+    try:
+        sample_files.check_suffix(args.out)
+    except ValueError as error:
+        raise ConfigError(f"--out {error}") from error
+    request = cli_config.request_from_args(args)
     run = sdk.load(args.run_dir)
+    request = run.request(request)  # checked against the run before any sampling work
     if args.dry_run:
-        print(
-            f"# plan\nsample {args.n} from {args.run_dir} with strategy {args.strategy}, solver {args.solver}, "
-            f"{args.steps} steps, seed {args.seed}; write {args.out}"
-        )
+        print(f"# plan\nsample from {args.run_dir} with {request.model_dump_json(exclude={'given'})}; write {args.out}")
         return 0
-    out = run.sample(
-        args.n,
-        strategy=args.strategy,
-        solver=args.solver,
-        steps=args.steps,
-        seed=args.seed,
-        top_k=args.top_k,
-        batch_size=args.batch_size,
-    )
-    writer(args.out, out, run.domain)
+    out = run.sample(request)
+    sample_files.write(args.out, out, run.domain)
     print(
-        f"wrote {args.n} samples to {args.out} ({args.strategy}, {args.solver}, {args.steps} steps); "
+        f"wrote {request.n} samples to {args.out} ({request.strategy.value}, {request.solver}, {request.steps} steps); "
         f"evaluations per sample: {out.expert_calls_per_sample:g} expert, {out.router_calls_per_sample:g} router"
     )
     return 0
@@ -157,9 +150,9 @@ def evaluate(args: argparse.Namespace) -> int:
             f"{args.repeats} repeats, seed {args.seed}"
         )
         return 0
-    generated = cli_config.read_samples(args.samples, run.domain)
+    generated = sample_files.read(args.samples, run.domain)
     scores = run.evaluate(generated, real=args.real, metrics=args.metrics, repeats=args.repeats, seed=args.seed)
-    print(cli_config.score_table(scores, as_json=args.json))
+    print(sample_files.score_table(scores, as_json=args.json))
     return 0
 
 
@@ -167,14 +160,14 @@ def status(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"# plan\nread run.json, partition.json, checkpoints and ensemble.json of {args.run_dir}")
         return 0
-    print(cli_config.status_text(cli_config.run_status(args.run_dir), as_json=args.json))
+    print(status_text(run_status(args.run_dir), as_json=args.json))
     return 0
 
 
 def submit(args: argparse.Namespace) -> int:
     s = cli_config.settings_from_args(args)
     use_token_auth()
-    job = cli_config.job_for(s, os.environ)
+    job = jobs.job_for(s, os.environ)
     working_dir = os.path.abspath(args.working_dir)
     if "://" not in s.run_dir and not os.path.isabs(s.run_dir):
         print(
@@ -276,13 +269,7 @@ def build_parser() -> Parser:
 
     p = command(sample, "Generate samples from an assembled run.")
     _run_flags(p, tracked=False)
-    p.add_argument("-n", type=positive, default=16, help="number of samples (default 16)")
-    p.add_argument("--strategy", choices=[s.value for s in Strategy], default="top1", help="routing (default top1)")
-    p.add_argument("--solver", choices=sorted(SOLVERS), default="heun", help="ODE solver (default heun)")
-    p.add_argument("--steps", type=positive, default=50, help="solver steps (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--top-k", type=positive, default=2, help="experts per step with --strategy topk (default 2)")
-    p.add_argument("--batch-size", type=positive, default=1024, help="samples generated at once (default 1024)")
+    cli_config.sample_flags(p)
     p.add_argument("--out", required=True, metavar="FILE", help=".npy (user units), .csv or .parquet (long table)")
 
     p = command(evaluate, "Score generated samples with the domain's metrics (mean and 95%% interval).")

@@ -1,68 +1,41 @@
-"""The command line's run settings: a YAML file, `--set` overrides and flags, resolved into one
-validated RunConfig, a run directory and a Launch; plus the plan that `--dry-run` prints.
+"""The command line's settings: a YAML file, `--set` overrides and flags, resolved into one
+validated RunConfig, a run directory and a Launch; the plan that `--dry-run` prints; and the
+sampling flags, one per SampleRequest field.
 
-A config file holds the RunConfig fields (the run's identity, saved in run.json), the run
-directory, and optionally the Launch fields (where the work runs and is tracked, free to change
-between resumptions):
+A settings file holds the RunConfig fields (the run's identity, saved in run.json; each documented
+on its pydantic model in `archipelago.platform.config`), `run_dir` (any storage URI), and
+optionally the Launch fields of `archipelago.platform.runner` (where the work runs and is tracked,
+free to change between resumptions).
 
-    run_dir: runs/sines                 # any storage URI; required here or as --run-dir
-    data: sines:2000                    # a path (relative to the working directory) or sines:N
-    domain: timeseries
-    domain_config: {window: 24}
-    experts: 4
-    seed: 0
-    expert: {steps: 2000, batch_size: 64}
-    router: {steps: 500}
-    placement: [{island: a}, {island: a}, {island: b}, {island: b}]   # optional, one per expert
-    router_placement: {num_cpus: 1}
-    address: 10.0.0.1:6379              # Launch fields, all optional: Ray GCS address,
-    tracking_uri: http://mlflow:5000    #   MLflow tracking URI,
-    experiment: archipelago             #   MLflow experiment,
-    register: sines                     #   registered model name,
-    island_wait_s: 60                   #   how long to wait for a node on each island,
-    ray: true                           #   false: every step in this process,
-    track: true                         #   false: no MLflow
-    max_retries: 3
-
-Precedence: the file, then each `--set dotted.key=value` in order (values read as YAML scalars or
-flow collections: `--set expert.steps=200`, `--set 'placement=[{island: a}]'`), then the named
-flags (`--run-dir`, `--experts`, ...). Every mistake raises ConfigError with one line naming the
-file and the key.
-
-The rest are the files and texts of the other commands: the plan of a fit, the Ray job of
-`submit`, sample files, score tables and a run's status read from storage.
-
-Sample files: .npy holds the decoded samples in the user's units ([n, L, C] windows for time
-series); .csv and .parquet hold a long table (columns sample, step, then the channels) for domains
-that decode to DataFrames. `evaluate` reads a .npy back through the run's own domain
-(`ingest(fit=False)`: the run's fitted scaler), so metrics are computed in the scaled space the
-experts learned, exactly as `Run.evaluate` does for samples in memory.
+Precedence: the file, then each `--set dotted.key=value` in order (applied with OmegaConf; values
+read as YAML scalars or flow collections, numbers in the key index into lists: `--set
+expert.steps=200`, `--set placement.0.island=a`, `--set 'placement=[{island: a}]'`), then the named
+flags (`--run-dir`, `--experts`, `--device`, ...). Every mistake raises ConfigError with one line
+naming the file and the key.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pydantic
-import torch
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from archipelago.experts import storage
-from archipelago.experts.checkpoint import latest_checkpoint
 from archipelago.experts.domain import Domain
-from archipelago.platform import jobs, steps, tracking
-from archipelago.platform.config import RunConfig, validate_domain
+from archipelago.platform.config import RunConfig, describe, on_device, validate_domain
 from archipelago.platform.runner import Launch
-from archipelago.platform.sdk import Samples
+from archipelago.router.ensemble import Strategy
+from archipelago.router.sampling import SampleRequest
 
 RUN_DIR = "run_dir"
 LAUNCH_KEYS = tuple(f.name for f in dataclasses.fields(Launch))
@@ -108,51 +81,27 @@ def parse_mapping(text: str, source: str) -> dict[str, Any]:
     return raw
 
 
-def apply_set(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one `dotted.key=value` override in place (numbers in the key index into lists)."""
-    key, sep, text = assignment.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value, e.g. expert.steps=200")
+def apply_sets(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any]:
+    """`raw` with each `dotted.key=value` override applied in order (see the module docstring)."""
+    if not assignments:
+        return raw
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--set {assignment!r}: invalid value: {_one_line(str(error))}") from error
-    *parents, last = key.split(".")
-    node: Any = raw
-    for depth, part in enumerate(parents):
-        child = _child(node, part)
-        if child is None:
-            child = {}
-            _assign(node, part, child, key)
-        elif not isinstance(child, (dict, list)):
-            raise ConfigError(f"--set {key}: {'.'.join(parents[: depth + 1])} is a value, not a section")
-        node = child
-    _assign(node, last, value, key)
-
-
-def _unshared(value: Any) -> Any:
-    """A copy in which no two keys share a dict or list (YAML aliases do), so that `--set` on one
-    key changes only that key."""
-    if isinstance(value, dict):
-        return {key: _unshared(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_unshared(item) for item in value]
-    return value
-
-
-def _child(node: Any, part: str) -> Any:
-    if isinstance(node, list):
-        return node[int(part)] if part.isdigit() and int(part) < len(node) else None
-    return node.get(part)
-
-
-def _assign(node: Any, part: str, value: Any, key: str) -> None:
-    if isinstance(node, dict):
-        node[part] = value
-    elif part.isdigit() and int(part) < len(node):
-        node[int(part)] = value
-    else:
-        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)} items")
+        merged = OmegaConf.create(raw)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"--set: the settings hold a value OmegaConf cannot take: {_one_line(str(error))}") from error
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {assignment!r}: expected dotted.key=value, e.g. expert.steps=200")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {assignment!r}: invalid value: {_one_line(str(error))}") from error
+        try:
+            OmegaConf.update(merged, key, value, merge=False)
+        except (OmegaConfBaseException, ValueError) as error:
+            raise ConfigError(f"--set {key}: {_one_line(str(error)).split(' full_key:')[0]}") from error
+    return OmegaConf.to_container(merged, resolve=False)
 
 
 def resolve(
@@ -166,9 +115,7 @@ def resolve(
         raw = read_config_file(path)
     else:
         raw = {}
-    raw = _unshared(raw)
-    for assignment in sets:
-        apply_set(raw, assignment)
+    raw = apply_sets(raw, sets)
     raw.update({key: value for key, value in overrides.items() if value is not None})
     run_dir = raw.pop(RUN_DIR, None)
     if not run_dir:
@@ -197,6 +144,7 @@ def settings_flags(p: argparse.ArgumentParser, ray: bool = True, launch: bool = 
     p.add_argument("--data", help="data source: a .csv/.parquet path or sines:N")
     p.add_argument("--experts", type=int, help="K, the number of partitions and experts")
     p.add_argument("--seed", type=int, help="the run seed")
+    p.add_argument("--device", help="torch device of every training (cpu, cuda, cuda:1; default: CUDA when present)")
     p.add_argument(
         "--set",
         action="append",
@@ -230,19 +178,11 @@ def settings_from_args(args: argparse.Namespace, absolute: bool = False) -> Sett
     overrides["ray"] = False if getattr(args, "in_process", False) else None
     overrides["track"] = False if getattr(args, "no_tracking", False) else None
     s = resolve(args.config, overrides, args.set, inline=args.config_json)
+    if args.device is not None:
+        s = dataclasses.replace(s, config=on_device(s.config, args.device))
     if absolute and "://" not in s.run_dir:
         return dataclasses.replace(s, run_dir=os.path.abspath(s.run_dir))
     return s
-
-
-def describe(error: pydantic.ValidationError) -> str:
-    """A pydantic error as one line: `expert.stepz: unknown key; experts: must be >= 1`."""
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "config"
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        parts.append(f"{where}: {message}")
-    return "; ".join(parts)
 
 
 def _one_line(text: str) -> str:
@@ -251,10 +191,6 @@ def _one_line(text: str) -> str:
 
 def to_yaml(settings: Settings) -> str:
     return yaml.safe_dump(settings.as_dict(), sort_keys=False)
-
-
-def to_json(values: dict[str, Any]) -> str:
-    return json.dumps(values, sort_keys=True, separators=(",", ":"))
 
 
 def _place(config: RunConfig, k: int | None) -> str:
@@ -294,140 +230,68 @@ def fit_plan(settings: Settings, tracking_uri: str | None, ray: str) -> str:
     return "\n".join(lines)
 
 
-# --- submit: the Ray job of a fit -----------------------------------------------------------------
+# --- sampling: the flags of a SampleRequest -------------------------------------------------------
+
+# SampleRequest fields with a flag of their own shape (or none: `progress` follows the terminal).
+_OWN_FLAGS = ("n", "conditions", "given", "progress")
 
 
-@dataclass(frozen=True)
-class Job:
-    entrypoint: list[str]
-    env_vars: dict[str, str]
-    submission_id: str
+def sample_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per SampleRequest field, its help the field's description. Every default is None:
+    what is not given falls back to SampleRequest's default, the same as in the SDK and the MLflow
+    model."""
+    p.add_argument("-n", type=int, help=f"{SampleRequest.model_fields['n'].description} (default 16)")
+    for name, field in SampleRequest.model_fields.items():
+        if name in _OWN_FLAGS:
+            continue
+        kind = field.annotation if isinstance(field.annotation, type) else str
+        extra = {"choices": [s.value for s in Strategy]} if kind is Strategy else {"type": kind}
+        default = field.default.value if isinstance(field.default, Strategy) else field.default
+        p.add_argument(f"--{name.replace('_', '-')}", help=f"{field.description} (default {default})", **extra)
+    p.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE",
+                   help="a condition for every sample (VALUE read as YAML), or one per sample from a .npy file; "
+                        "repeatable")
+    p.add_argument("--given", action="append", default=[], metavar="FIELD=FILE.npy",
+                   help="values of a field fixed by you (NaN, or -1 for categories, where free); repeatable")
 
 
-def job_for(settings: Settings, environ: Mapping[str, str]) -> Job:
-    """The job that runs `archipelago fit` on the cluster with these settings.
-
-    The settings travel inline as JSON, so nothing is written into the working directory; the
-    address is left out (the job joins the cluster it runs on, through the RAY_ADDRESS that Ray
-    sets for it) and so is the tracking URI, which travels as MLFLOW_TRACKING_URI in the runtime
-    environment with RAY_AUTH_MODE. The submission id hashes the entrypoint and the tracking URI.
-    """
-    values = {key: value for key, value in settings.as_dict().items() if key not in ("address", "tracking_uri")}
-    uri = settings.launch.tracking_uri or environ.get(tracking.TRACKING_ENV)
-    env = {"RAY_AUTH_MODE": environ.get("RAY_AUTH_MODE", "token")}
-    if settings.launch.track and uri:
-        env[tracking.TRACKING_ENV] = tracking.resolve_tracking_uri(uri)
-    entrypoint = ["archipelago", "fit", "--config-json", to_json(values)]
-    submission_id = jobs.submission_id_for({"entrypoint": entrypoint, "tracking_uri": env.get(tracking.TRACKING_ENV)})
-    return Job(entrypoint=entrypoint, env_vars=env, submission_id=submission_id)
+def _assignments(flag: str, items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{flag} {item!r}: expected NAME=VALUE")
+        out[name] = value
+    return out
 
 
-# --- sample files and scores ----------------------------------------------------------------------
+def _array(flag: str, name: str, path: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{flag} {name}={path}: cannot read a .npy array: {_one_line(str(error))}") from error
 
 
-def _write_npy(path: str, samples: Samples, domain: Domain) -> None:
-    np.save(path, np.asarray(samples.items))
+def _condition_value(name: str, text: str) -> Any:
+    if text.endswith(".npy"):
+        return _array("--condition", name, text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--condition {name}={text}: invalid value: {_one_line(str(error))}") from error
 
 
-def _frame(samples: Samples, domain: Domain) -> pd.DataFrame:
-    decode_frames = getattr(domain, "decode_frames", None)
-    if decode_frames is None:
-        raise ConfigError(f"the {domain.name} domain does not decode to tables: write a .npy file")
-    frames = decode_frames(samples.batch)
-    return pd.concat([f.assign(sample=i, step=range(len(f))) for i, f in enumerate(frames)], ignore_index=True)[
-        ["sample", "step", *frames[0].columns]
-    ]
-
-
-WRITERS: dict[str, Callable[[str, Samples, Domain], None]] = {
-    ".npy": _write_npy,
-    ".csv": lambda path, samples, domain: _frame(samples, domain).to_csv(path, index=False),
-    ".parquet": lambda path, samples, domain: _frame(samples, domain).to_parquet(path, index=False),
-}
-
-
-def sample_writer(path: str) -> Callable[[str, Samples, Domain], None]:
-    suffix = Path(path).suffix.lower()
-    if suffix not in WRITERS:
-        raise ConfigError(f"--out {path}: unknown file type {suffix!r}; choose one of {sorted(WRITERS)}")
-    return WRITERS[suffix]
-
-
-def read_samples(path: str, domain: Domain) -> Samples:
-    """Samples from a .npy file in user units, back in the domain's tensors (see the module docstring)."""
-    if Path(path).suffix.lower() != ".npy":
-        raise ConfigError(f"--samples {path}: expected a .npy file written by `archipelago sample`")
-    items = np.load(path)
-    table = domain.ingest(items, fit=False)
-    batch = domain.samples(table).batch(torch.arange(table.num_rows))
-    return Samples(
-        items=items,
-        batch=batch,
-        strategy="file",
-        expert_calls_per_sample=float("nan"),
-        router_calls_per_sample=float("nan"),
-    )
-
-
-def score_table(scores: Mapping[str, Any], as_json: bool = False) -> str:
-    """Metric, mean and 95% half-interval per row (scores with `mean` and `interval`, or plain numbers)."""
-    rows = {name: (getattr(s, "mean", s), getattr(s, "interval", 0.0)) for name, s in scores.items()}
-    if as_json:
-        return json.dumps({name: {"mean": m, "interval": i} for name, (m, i) in rows.items()}, indent=2)
-    width = max(len("metric"), *map(len, rows))
-    lines = [f"{'metric':<{width}}  {'mean':>10}  {'± 95%':>10}"]
-    lines += [f"{name:<{width}}  {m:>10.4f}  {i:>10.4f}" for name, (m, i) in rows.items()]
-    return "\n".join(lines)
-
-
-# --- status: progress read from storage -----------------------------------------------------------
-
-
-def _progress(folder: str, configured: int) -> dict[str, Any]:
-    latest = latest_checkpoint(folder)
-    step = storage.read_json(storage.join(latest, "meta.json"))["step"] if latest else None
-    state = "not started" if step is None else "done" if step >= configured else "in progress"
-    return {"step": step, "steps": configured, "state": state}
-
-
-def run_status(run_dir: str) -> dict[str, Any]:
-    """What storage says about a run: partition sizes, each training's latest step, assembled or not.
-
-    Only complete checkpoints count (LATEST moves after their files), so this is safe while a fit
-    writes the run directory from anywhere.
-    """
-    config = steps.load_config(run_dir)
-    partition = storage.join(run_dir, steps.PARTITION_FILE)
-    return {
-        "run_dir": run_dir,
-        "domain": config.domain,
-        "partition_sizes": storage.read_json(partition)["sizes"] if storage.exists(partition) else None,
-        "experts": [
-            {
-                "expert": k,
-                "island": config.placement_of(k).island,
-                **_progress(steps.expert_dir(run_dir, k), config.expert.steps),
-            }
-            for k in range(config.experts)
-        ],
-        "router": _progress(steps.router_dir(run_dir), config.router.steps),
-        "assembled": storage.exists(storage.join(run_dir, steps.ENSEMBLE_FILE)),
-    }
-
-
-def status_text(status: dict[str, Any], as_json: bool = False) -> str:
-    if as_json:
-        return json.dumps(status, indent=2)
-    sizes = status["partition_sizes"]
-
-    def row(name: str, p: dict[str, Any], size: Any = "") -> str:
-        return f"{name:<10} {p['step'] if p['step'] is not None else '-':>6} / {p['steps']:<6} {p['state']:<12} {size}"
-
-    lines = [f"run {status['run_dir']} ({status['domain']})", f"{'':<10} {'step':>6} / {'steps':<6} {'state':<12} size"]
-    lines += [row(f"expert {e['expert']}", e, sizes[e["expert"]] if sizes else "-") for e in status["experts"]]
-    lines += [row("router", status["router"], sum(sizes) if sizes else "-")]
-    lines += [
-        f"partition: {'sizes ' + ', '.join(map(str, sizes)) if sizes else 'not yet'}",
-        f"assembled: {'yes' if status['assembled'] else 'no'}",
-    ]
-    return "\n".join(lines)
+def request_from_args(args: argparse.Namespace) -> SampleRequest:
+    """The SampleRequest of the sampling flags; a bad flag is a ConfigError naming it."""
+    values = {name: getattr(args, name) for name in SampleRequest.model_fields if name not in _OWN_FLAGS}
+    values = {name: value for name, value in values.items() if value is not None}
+    if args.n is not None:
+        values["n"] = args.n
+    values["conditions"] = {k: _condition_value(k, v) for k, v in _assignments("--condition", args.condition).items()}
+    values["given"] = {k: _array("--given", k, v) for k, v in _assignments("--given", args.given).items()}
+    values["progress"] = sys.stderr.isatty()
+    try:
+        return SampleRequest(**values)
+    except pydantic.ValidationError as error:
+        flag = lambda where: "-n" if where == "n" else f"--{where.replace('_', '-')}"  # noqa: E731
+        raise ConfigError(describe(error, key=flag)) from error

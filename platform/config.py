@@ -7,9 +7,10 @@ config is validated by the domain class itself (`validate_domain`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from archipelago.domains import domain_class
 from archipelago.experts.conventions import Prediction
@@ -93,3 +94,31 @@ def identity_diff(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") 
         elif a != b:
             differing.append(f"{prefix}{key}")
     return differing
+
+
+# The trainings of a run (expert, router, ...): the RunConfig fields that are a TrainConfig.
+TRAININGS = tuple(name for name, field in RunConfig.model_fields.items() if field.annotation is TrainConfig)
+
+
+def on_device(config: RunConfig, device: str | None) -> RunConfig:
+    """The config with every training on `device` (None: the config as it is)."""
+    if device is None:
+        return config
+    return RunConfig(**config.model_dump() | {name: {**getattr(config, name).model_dump(), "device": device}
+                                               for name in TRAININGS})
+
+
+def describe(error: ValidationError, key: Callable[[str], str] = str) -> str:
+    """A pydantic error as one line that names each bad key (`key` renders a dotted location, e.g.
+    as a flag) and the bad value when it is short: `expert.stepz: unknown key; experts: Input
+    should be greater than or equal to 1 (got 0)`."""
+    parts = []
+    for item in error.errors():
+        where = key(".".join(str(part) for part in item["loc"]) or "config")
+        if item["type"] == "extra_forbidden":
+            parts.append(f"{where}: unknown key")
+            continue
+        value = item.get("input")
+        shown = f" (got {value!r})" if isinstance(value, (str, int, float)) and len(repr(value)) <= 40 else ""
+        parts.append(f"{where}: {item['msg']}{shown}")
+    return "; ".join(parts)

@@ -25,13 +25,14 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray._private.authentication.authentication_token_setup import _enable_token_auth
 from ray.exceptions import RayError, RayTaskError
+from ray.experimental import tqdm_ray
 
 ISLAND_LABEL = "island"
 AUTH_MODE_VAR = "RAY_AUTH_MODE"
@@ -227,6 +228,37 @@ def _cause(err: RayError) -> BaseException:
     """The user's own exception inside a RayTaskError, else the Ray error itself."""
     cause = getattr(err, "cause", None) if isinstance(err, RayTaskError) else None
     return cause if isinstance(cause, BaseException) else err
+
+
+class RayProgressBar:
+    """A training progress bar inside a Ray worker, drawn by the driver as a bar (Ray's tqdm
+    integration) instead of as log lines interleaved with every other worker's.
+
+    `ray.experimental.tqdm_ray.tqdm` takes only part of tqdm's interface, so this gives it the part
+    that training uses (see `archipelago.experts.training.ProgressBar`): the loss of `set_postfix`
+    goes into the description, `initial` into the count.
+    """
+
+    def __init__(self, iterable: Iterable[Any], desc: str = "", total: int | None = None, initial: int = 0,
+                 disable: bool = False, **_: Any) -> None:
+        self._iterable, self._desc = iterable, desc
+        self._bar = None if disable else tqdm_ray.tqdm(desc=desc, total=total)
+        if self._bar is not None:
+            self._bar.update(initial)
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self._iterable:
+            yield item
+            if self._bar is not None:
+                self._bar.update(1)
+
+    def set_postfix(self, **values: Any) -> None:
+        if self._bar is not None:
+            self._bar.set_description(f"{self._desc} ({', '.join(f'{k}={v}' for k, v in values.items())})")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def current_placement() -> dict[str, Any]:

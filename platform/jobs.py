@@ -13,6 +13,8 @@ Authentication follows `archipelago.platform.islands`: token mode unless RAY_AUT
 otherwise, with the token from ~/.ray/auth_token (or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH). The
 equivalent CLI is `RAY_AUTH_MODE=token ray job submit --address http://<head>:8265
 --submission-id <id> --working-dir . -- <command>`.
+
+`job_for` builds the job of `archipelago submit`: an `archipelago fit` of resolved settings.
 """
 
 from __future__ import annotations
@@ -22,11 +24,17 @@ import json
 import logging
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from archipelago.platform import tracking
 from archipelago.platform.islands import use_token_auth
+
+if TYPE_CHECKING:
+    from archipelago.platform.cli_config import Settings
 
 # gitignore-style patterns never uploaded with a working directory: history, run outputs,
 # tracking stores, environments, caches and weights.
@@ -56,6 +64,31 @@ def submission_id_for(config: dict) -> str:
     """A deterministic submission id: a short hash of the config's canonical JSON."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return "archipelago-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Job:
+    entrypoint: list[str]
+    env_vars: dict[str, str]
+    submission_id: str
+
+
+def job_for(settings: Settings, environ: Mapping[str, str]) -> Job:
+    """The job that runs `archipelago fit` on the cluster with these settings.
+
+    The settings travel inline as JSON, so nothing is written into the working directory; the
+    address is left out (the job joins the cluster it runs on, through the RAY_ADDRESS that Ray
+    sets for it) and so is the tracking URI, which travels as MLFLOW_TRACKING_URI in the runtime
+    environment with RAY_AUTH_MODE. The submission id hashes the entrypoint and the tracking URI.
+    """
+    values = {key: value for key, value in settings.as_dict().items() if key not in ("address", "tracking_uri")}
+    uri = settings.launch.tracking_uri or environ.get(tracking.TRACKING_ENV)
+    env = {"RAY_AUTH_MODE": environ.get("RAY_AUTH_MODE", "token")}
+    if settings.launch.track and uri:
+        env[tracking.TRACKING_ENV] = tracking.resolve_tracking_uri(uri)
+    entrypoint = ["archipelago", "fit", "--config-json", json.dumps(values, sort_keys=True, separators=(",", ":"))]
+    submission_id = submission_id_for({"entrypoint": entrypoint, "tracking_uri": env.get(tracking.TRACKING_ENV)})
+    return Job(entrypoint=entrypoint, env_vars=env, submission_id=submission_id)
 
 
 def submit_job(

@@ -7,7 +7,8 @@ is loaded; `load_context` rebuilds the run from the copy, and `predict` samples:
     model = mlflow.pyfunc.load_model("models:/stocks/1")
     windows = model.predict({"n": 16, "strategy": "top1"})      # numpy array, e.g. [16, L, C]
 
-The request is a dict (or a one-row pandas DataFrame) with the keys of `DEFAULTS` plus `n`.
+The request is a dict (or a one-row pandas DataFrame) of SampleRequest fields, `n` required, e.g.
+{"n": 16, "conditions": {"family": "cycle"}, "guidance": 2.0}.
 """
 
 from __future__ import annotations
@@ -18,32 +19,23 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+import pydantic
 
-from archipelago.experts.solvers import SOLVERS
 from archipelago.platform import sdk
+from archipelago.platform.config import describe
 from archipelago.platform.tracking import MODEL_ARTIFACT
-from archipelago.router.ensemble import Strategy
-
-DEFAULTS: dict[str, Any] = {"strategy": "top1", "solver": "heun", "steps": 50, "seed": 0, "top_k": 2}
-INTEGER_KEYS = ("n", "steps", "seed", "top_k")
+from archipelago.router.sampling import SampleRequest
 
 
-def parse_request(model_input: Any, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The sampling settings of one request, defaults filled in; errors name the bad key or value."""
+def parse_request(model_input: Any, params: Mapping[str, Any] | None = None) -> SampleRequest:
+    """The SampleRequest of one request (its defaults fill the rest); errors name the bad key or value."""
     request = _as_dict(model_input) | dict(params or {})
-    unknown = sorted(set(request) - set(DEFAULTS) - {"n"})
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown}; a request takes n and {sorted(DEFAULTS)}")
     if "n" not in request:
         raise ValueError("the request needs n, the number of samples, e.g. {'n': 16, 'strategy': 'top1'}")
-    settings = DEFAULTS | request
-    for key in INTEGER_KEYS:
-        settings[key] = _integer(key, settings[key])
-    if settings["strategy"] not in {s.value for s in Strategy}:
-        raise ValueError(f"unknown strategy {settings['strategy']!r}; choose one of {[s.value for s in Strategy]}")
-    if settings["solver"] not in SOLVERS:
-        raise ValueError(f"unknown solver {settings['solver']!r}; choose one of {sorted(SOLVERS)}")
-    return settings
+    try:
+        return SampleRequest(**request)
+    except pydantic.ValidationError as error:
+        raise ValueError(f"bad request: {describe(error)}") from error
 
 
 def _as_dict(model_input: Any) -> dict[str, Any]:
@@ -61,16 +53,6 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, (list, tuple, np.ndarray)) and len(value) == 1:
         value = value[0]
     return value.item() if isinstance(value, np.generic) else value
-
-
-def _integer(key: str, value: Any) -> int:
-    try:
-        whole = not isinstance(value, bool) and float(value).is_integer()
-    except (TypeError, ValueError):
-        whole = False
-    if not whole:
-        raise ValueError(f"{key} must be an integer, got {value!r}")
-    return int(value)
 
 
 def as_array(items: Any) -> np.ndarray:
@@ -91,8 +73,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     # `model_input` has no type hint on purpose: MLflow reads predict's hints as an input schema
     # (and warns unless it is list[...]); requests are checked by `parse_request` instead.
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
-        settings = parse_request(model_input, params)
-        return as_array(self.run.sample(**settings).items)
+        return as_array(self.run.sample(parse_request(model_input, params)).items)
 
 
 mlflow.models.set_model(EnsembleModel())

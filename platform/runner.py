@@ -2,10 +2,11 @@
 tracked in MLflow (one parent run, one child run per expert and one for the router).
 
 Every check that can fail fast runs before anything is written: the config and the domain's config,
-write permission on the run directory, a different run already there, the tracking server, the
-Ray address, and a node on every island the placement names. Then the driver ingests and
-partitions (cheap), the K experts and the router train in parallel (the router needs only the
-data and the partition labels), and the ensemble is assembled and logged as an MLflow model.
+the training devices, write permission on the run directory, a different run already there, the
+tracking server, the Ray address, and a node on every island the placement names. Then the
+driver ingests and partitions (cheap), the K experts and the router train in parallel (the router
+needs only the data and the partition labels), and the ensemble is assembled and logged as an
+MLflow model.
 """
 
 from __future__ import annotations
@@ -16,14 +17,22 @@ from typing import Any
 
 from archipelago.experts import storage
 from archipelago.experts.domain import Domain
-from archipelago.platform import islands, steps, tracking
-from archipelago.platform.config import RunConfig, validate_domain
+from archipelago.platform import steps
+from archipelago.platform.config import TRAININGS, RunConfig, validate_domain
 from archipelago.platform.tasks import TrackingTarget, train_expert_task, train_router_task
+from archipelago.router.sampling import check_device
 
 
 @dataclass(frozen=True)
 class Launch:
-    """Where the work runs and where it is tracked."""
+    """Where the work runs and where it is tracked.
+
+    The defaults are the command line's: `archipelago` is the platform's entry point, so a fit runs
+    on Ray (a cluster, or an instance started inside the process) and is tracked in MLflow. The SDK
+    (`sdk.fit`) runs in process and untracked unless asked: it serves notebooks and scripts, where
+    starting Ray and writing ./mlflow.db uninvited is unwelcome; such a fit does not even import
+    Ray or MLflow (this module imports them only for the launches that use them).
+    """
 
     ray: bool = True  # False: every step in this process, one after the other
     address: str | None = None  # None: RAY_ADDRESS, else Ray started inside this process
@@ -46,9 +55,14 @@ class FitResult:
 def preflight(config: RunConfig, run_dir: str, launch: Launch, domain: Domain | None = None) -> Domain:
     """Every check that needs no training, before anything is written (see the module docstring)."""
     domain = domain or validate_domain(config)
+    check_devices(config, launch)
     if launch.track:
+        from archipelago.platform import tracking
+
         tracking.check_tracking(tracking.resolve_tracking_uri(launch.tracking_uri))
     if launch.ray:
+        from archipelago.platform import islands
+
         islands.connect(launch.address)
         islands.require_islands(config.islands(), launch.island_wait_s)
     storage.check_writable(run_dir)
@@ -56,48 +70,93 @@ def preflight(config: RunConfig, run_dir: str, launch: Launch, domain: Domain | 
     return domain
 
 
-def _task_specs(config: RunConfig, run_dir: str, target: TrackingTarget | None, launch: Launch) -> list:
-    env = {tracking.TRACKING_ENV: target.uri} if target else {}
-    specs = []
-    for k in range(config.experts):
-        place = config.placement_of(k)
-        specs.append(islands.TaskSpec(train_expert_task, (run_dir, k, target), name=f"expert-{k}", island=place.island,
-                                      num_cpus=place.num_cpus, num_gpus=place.num_gpus,
-                                      max_retries=launch.max_retries, env_vars=env))
-    place = config.router_placement
-    specs.append(islands.TaskSpec(train_router_task, (run_dir, target), name="router", island=place.island,
-                                  num_cpus=place.num_cpus, num_gpus=place.num_gpus, max_retries=launch.max_retries,
-                                  env_vars=env))
-    return specs
+def check_devices(config: RunConfig, launch: Launch) -> None:
+    """A training device that is not there is a ValueError naming the setting and the device.
+
+    On Ray the experts and the router train in workers, which see a GPU only when their placement
+    reserves one (Ray hides the others), so there a CUDA device needs `num_gpus` >= 1 on every
+    placement it trains on; what trains in this process must find its device here.
+    """
+    on_workers = {"expert": [config.placement_of(k) for k in range(config.experts)],
+                  "router": [config.router_placement]} if launch.ray else {}
+    for name in TRAININGS:
+        device = getattr(config, name).device
+        if device is None:
+            continue
+        if name in on_workers and device.startswith("cuda"):
+            if any(place.num_gpus == 0 for place in on_workers[name]):
+                raise ValueError(f"{name}.device {device!r}: a Ray task sees a GPU only when it reserves one; "
+                                 f"set num_gpus >= 1 in the {name}'s placement")
+            continue
+        try:
+            check_device(device)
+        except ValueError as error:
+            raise ValueError(f"{name}.device: {error}") from error
 
 
-def _train(specs: list, launch: Launch) -> list[dict[str, Any]]:
-    if launch.ray:
-        return islands.submit_tasks(specs, island_wait_s=launch.island_wait_s)
-    return [spec.fn(*spec.args, **dict(spec.kwargs)) for spec in specs]
-
-
-def fit(config: RunConfig, run_dir: str, source: Any = None, domain: Domain | None = None,
-        launch: Launch = Launch()) -> FitResult:
-    """Run (or resume) every step of a fit; see the module docstring."""
+def prepare(config: RunConfig, run_dir: str, launch: Launch, source: Any = None, domain: Domain | None = None) -> str:
+    """A fit's first step: every preflight check, then ingest, partition and (with a codec) encode
+    into the run directory (see `steps.prepare`, `steps.partition` and `steps.encode`). Returns the
+    run directory, made absolute when it is a local path, because Ray workers and job nodes resolve
+    relative paths in their own cwd."""
     run_dir = os.fspath(run_dir)
-    if "://" not in run_dir:  # Ray workers and job nodes resolve relative paths in their own cwd
+    if "://" not in run_dir:
         run_dir = os.path.abspath(run_dir)
     domain = preflight(config, run_dir, launch, domain)
     steps.prepare(config, run_dir, source=source, domain=domain)
     steps.partition(run_dir)
     steps.encode(run_dir)
-    uri = tracking.resolve_tracking_uri(launch.tracking_uri) if launch.track else None
-    parent = tracking.start_parent(uri, launch.experiment, config.model_dump(mode="json"), run_dir) if uri else None
-    target = TrackingTarget(uri, parent) if uri else None
-    try:
-        results = _train(_task_specs(config, run_dir, target, launch), launch)
+    return run_dir
+
+
+def _task_specs(config: RunConfig, run_dir: str, target: TrackingTarget | None, launch: Launch) -> list:
+    from archipelago.platform import islands
+
+    env = {}
+    if target:
+        from archipelago.platform.tracking import TRACKING_ENV
+
+        env = {TRACKING_ENV: target.uri}
+    ray = {"max_retries": launch.max_retries, "env_vars": env, "kwargs": {"in_ray_worker": True}}
+    specs = []
+    for k in range(config.experts):
+        place = config.placement_of(k)
+        specs.append(islands.TaskSpec(train_expert_task, (run_dir, k, target), name=f"expert-{k}", island=place.island,
+                                      num_cpus=place.num_cpus, num_gpus=place.num_gpus, **ray))
+    place = config.router_placement
+    specs.append(islands.TaskSpec(train_router_task, (run_dir, target), name="router", island=place.island,
+                                  num_cpus=place.num_cpus, num_gpus=place.num_gpus, **ray))
+    return specs
+
+
+def _train(config: RunConfig, run_dir: str, target: TrackingTarget | None, launch: Launch) -> list[dict[str, Any]]:
+    """Train the experts and the router: in this process one after the other, or as Ray tasks."""
+    if not launch.ray:
+        return [*(train_expert_task(run_dir, k, target) for k in range(config.experts)),
+                train_router_task(run_dir, target)]
+    from archipelago.platform import islands
+
+    return islands.submit_tasks(_task_specs(config, run_dir, target, launch), island_wait_s=launch.island_wait_s)
+
+
+def fit(config: RunConfig, run_dir: str, source: Any = None, domain: Domain | None = None,
+        launch: Launch = Launch()) -> FitResult:
+    """Run (or resume) every step of a fit; see the module docstring."""
+    run_dir = prepare(config, run_dir, launch, source=source, domain=domain)
+    if not launch.track:
+        results = _train(config, run_dir, None, launch)
         steps.assemble(run_dir)
-        model_uri = tracking.log_ensemble_model(uri, parent, run_dir, launch.register) if uri else None
+        return FitResult(run_dir=run_dir, parent_run_id=None, model_uri=None, tasks=results)
+    from archipelago.platform import tracking
+
+    uri = tracking.resolve_tracking_uri(launch.tracking_uri)
+    parent = tracking.start_parent(uri, launch.experiment, config.model_dump(mode="json"), run_dir)
+    try:
+        results = _train(config, run_dir, TrackingTarget(uri, parent), launch)
+        steps.assemble(run_dir)
+        model_uri = tracking.log_ensemble_model(uri, parent, run_dir, launch.register)
     except BaseException:
-        if uri:
-            tracking.finish_run(uri, parent, failed=True)
+        tracking.finish_run(uri, parent, failed=True)
         raise
-    if uri:
-        tracking.finish_run(uri, parent)
+    tracking.finish_run(uri, parent)
     return FitResult(run_dir=run_dir, parent_run_id=parent, model_uri=model_uri, tasks=results)

@@ -4,11 +4,13 @@
 
     run = sdk.fit("stock_data.csv", "runs/stocks", experts=4, expert={"steps": 2000})
     run = sdk.load("runs/stocks")                      # in any later process
-    out = run.sample(1000, strategy="top1", solver="heun", steps=50)
+    out = run.sample(1000, strategy="top1", solver="heun", steps=50)   # any SampleRequest fields
     scores = run.evaluate(out)                          # against the run's own records by default
 
-`fit` runs the steps of `archipelago.platform.steps` in this process (or on Ray with `ray=`),
-each resumable.
+`fit` runs the steps of `archipelago.platform.steps`, each resumable, in this process and
+untracked unless asked (`ray=`, `tracking=`; `runner.Launch` says why the command line defaults
+differ); then neither Ray nor MLflow is imported. Sampling takes one `SampleRequest`, whose fields
+and defaults are shared with the command line and the MLflow model.
 """
 
 from __future__ import annotations
@@ -17,27 +19,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import torch
+from torch import Tensor
 
 from archipelago.domains import domain_reference
 from archipelago.experts import storage
 from archipelago.experts.batch import Batch
 from archipelago.experts.domain import Domain
 from archipelago.platform import runner, steps
-from archipelago.platform.config import RunConfig
+from archipelago.platform.config import RunConfig, on_device
 from archipelago.platform.runner import Launch
-from archipelago.router.sampling import SampleRequest
+from archipelago.router.sampling import SampleRequest, check_device, check_request
 
 
 @dataclass(frozen=True)
 class Samples:
-    """Generated samples: the domain's objects, the raw tensors, and their cost."""
+    """Generated samples: the domain's objects, the raw tensors, their cost, and their experts.
+    (`archipelago.platform.sample_files` writes them to files and reads them back.)"""
 
     items: Any  # the domain's own objects (arrays in user units, structures, graphs, ...)
     batch: Batch  # the tensors the domain metrics read
     strategy: str
     expert_calls_per_sample: float
     router_calls_per_sample: float
-    assignment: Any = None  # [n] the expert of each sample, for per-trajectory strategies (sample, oracle)
+    assignment: Tensor | None = None  # [n] the expert of each sample (per-trajectory strategies: sample, oracle)
 
 
 class Run:
@@ -47,33 +52,40 @@ class Run:
         self.run_dir = str(run_dir)
         self.config = steps.load_config(self.run_dir)
         self.domain = steps.load_domain(self.run_dir)
-        self._ensemble: steps.LoadedEnsemble | None = None
+        self._ensembles: dict[torch.device, steps.LoadedEnsemble] = {}
 
     @property
     def ensemble(self) -> steps.LoadedEnsemble:
-        if self._ensemble is None:
-            self._ensemble = steps.load_ensemble(self.run_dir)
-        return self._ensemble
+        """The assembled ensemble on the default device (CUDA when present, else CPU)."""
+        return self._ensemble_on(check_device(None))
 
-    def sample(
-        self,
-        n: int,
-        strategy: str = "top1",
-        solver: str = "heun",
-        steps: int = 50,
-        seed: int = 0,
-        top_k: int = 2,
-        batch_size: int = 1024,
-        progress: bool = True,
-    ) -> Samples:
-        """Generate n samples with a routing strategy (full, topk, top1, sample, oracle) and an ODE solver."""
-        e = self.ensemble
-        generated = e.sample(SampleRequest(n=n, strategy=strategy, solver=solver, steps=steps, seed=seed, top_k=top_k,
-                                           batch_size=batch_size, progress=progress))
+    def _ensemble_on(self, device: torch.device) -> steps.LoadedEnsemble:
+        if device not in self._ensembles:
+            self._ensembles[device] = steps.load_ensemble(self.run_dir, device)
+        return self._ensembles[device]
+
+    def request(self, n: int | SampleRequest | None = None, **settings: Any) -> SampleRequest:
+        """A sampling request, checked against this run before any sampling work.
+
+        `n` and `settings` are SampleRequest fields (its defaults fill the rest), or `n` is a whole
+        SampleRequest. A bad field raises pydantic's ValidationError, a request this run cannot
+        serve (an unknown condition, guidance without conditions, ...) a ValueError naming it.
+        """
+        request = _as_request(n, settings)
+        e = self._ensemble_on(check_device(request.device))
+        check_request(e.domain, request, e.router, e.cluster_sizes)
+        return request
+
+    def sample(self, n: int | SampleRequest | None = None, **settings: Any) -> Samples:
+        """Generate samples for a request (`n` and `settings` as in `request`): a routing strategy
+        (full, topk, top1, sample, oracle), an ODE solver, conditions, guidance, given fields."""
+        request = _as_request(n, settings)
+        e = self._ensemble_on(check_device(request.device))
+        generated = e.sample(request)
         return Samples(
             items=e.domain.decode(generated.batch),
             batch=generated.batch,
-            strategy=strategy,
+            strategy=request.strategy.value,
             expert_calls_per_sample=generated.expert_calls_per_sample,
             router_calls_per_sample=generated.router_calls_per_sample,
             assignment=generated.assignment,
@@ -92,7 +104,7 @@ class Run:
 
 def fit(data: Any, run_dir: str, domain: str | Domain = "timeseries", experts: int = 4, *,
         expert: dict[str, Any] | None = None, router: dict[str, Any] | None = None,
-        ray: bool | str = False, tracking: bool | str = False, **settings: Any) -> Run:
+        ray: bool | str = False, tracking: bool | str = False, device: str | None = None, **settings: Any) -> Run:
     """Fit K experts and a router on `data` and return the run.
 
     `data` is anything the domain reads (for time series: a CSV/Parquet path, a DataFrame, an
@@ -100,8 +112,10 @@ def fit(data: Any, run_dir: str, domain: str | Domain = "timeseries", experts: i
     override their TrainConfig fields; other settings are RunConfig fields (seed, prediction,
     partition, placement, domain_config). `ray=False` trains in this process; `ray=True` on Ray
     (RAY_ADDRESS, else an embedded instance); `ray="host:port"` on that cluster. `tracking=True`
-    logs to MLflow's default store, `tracking="<uri>"` to that server. Re-running with the same
-    arguments resumes where it stopped.
+    logs to MLflow's default store, `tracking="<uri>"` to that server (why both default to off:
+    `runner.Launch`). `device` is the torch device of every training (None: each TrainConfig's,
+    by default CUDA when present); one that is not there is an error before anything is written.
+    Re-running with the same arguments resumes where it stopped.
     """
     instance = domain if isinstance(domain, Domain) else None
     config = RunConfig(
@@ -110,6 +124,7 @@ def fit(data: Any, run_dir: str, domain: str | Domain = "timeseries", experts: i
         data=data if isinstance(data, str) else None,
         experts=experts, expert=expert or {}, router=router or {}, **settings,
     )
+    config = on_device(config, device)
     launch = Launch(ray=bool(ray), address=ray if isinstance(ray, str) else None, track=bool(tracking),
                     tracking_uri=tracking if isinstance(tracking, str) else None)
     result = runner.fit(config, str(run_dir), source=data, domain=instance, launch=launch)
@@ -119,3 +134,11 @@ def fit(data: Any, run_dir: str, domain: str | Domain = "timeseries", experts: i
 def load(run_dir: str) -> Run:
     """Open a run directory written by `fit` (or by the command line, or by a cluster)."""
     return Run(run_dir)
+
+
+def _as_request(n: int | SampleRequest | None, settings: dict[str, Any]) -> SampleRequest:
+    if isinstance(n, SampleRequest):
+        if settings:
+            raise TypeError(f"give a SampleRequest or its fields, not both (got {sorted(settings)} too)")
+        return n
+    return SampleRequest(**settings) if n is None else SampleRequest(n=n, **settings)

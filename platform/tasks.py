@@ -4,17 +4,22 @@ Each training task opens its own MLflow child run under the fit's parent run (th
 tracking URI it is given, never through inherited global state), tags it with where it runs,
 streams the training metrics into it, and leaves a log line saying whether it resumed from a
 checkpoint. A retried task (after its worker died) reopens the child run of its earlier attempt.
+
+The runner passes `in_ray_worker=True` when it runs a task on Ray: only then are Ray (for the
+node, the island and progress bars that the driver draws) and, with a tracking target, MLflow
+imported, so that an in-process untracked fit imports neither.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
-from archipelago.experts.training import TrainResult
-from archipelago.platform import steps, tracking
-from archipelago.platform.islands import current_placement
+from archipelago.experts.training import ProgressBar, TrainResult
+from archipelago.platform import steps
 
 logger = logging.getLogger("archipelago.tasks")
 
@@ -34,30 +39,45 @@ def _report(name: str, result: TrainResult, placement: dict[str, Any]) -> dict[s
             "resumed_from": result.resumed_from, "final_loss": result.final_loss, **placement}
 
 
-def _tracked(name: str, target: TrackingTarget | None, tags: dict[str, Any], train) -> dict[str, Any]:
-    placement = current_placement()
+def _worker(in_ray_worker: bool) -> tuple[dict[str, Any], ProgressBar | None]:
+    """Where a task runs ({"node_id", "island", "hostname", "pid"}) and the progress bar it draws."""
+    if not in_ray_worker:
+        return {"node_id": None, "island": None, "hostname": socket.gethostname(), "pid": os.getpid()}, None
+    from archipelago.platform import islands
+
+    return islands.current_placement(), islands.RayProgressBar
+
+
+def _tracked(name: str, target: TrackingTarget | None, tags: dict[str, Any], train, in_ray_worker: bool
+             ) -> dict[str, Any]:
+    placement, progress_bar = _worker(in_ray_worker)
     logger.warning("%s starting on node %s (island %s, pid %s)", name, placement["node_id"], placement["island"],
                    placement["pid"])
     if target is None:
-        return _report(name, train(None), placement)
+        return _report(name, train(None, progress_bar), placement)
+    from archipelago.platform import tracking
+
     all_tags = {**tags, "node": placement["node_id"], "island": placement["island"], "hostname": placement["hostname"]}
     with tracking.ChildRun(target.uri, target.parent_id, name, all_tags) as child:
-        result = train(child.log)
+        result = train(child.log, progress_bar)
         child.set_tags({"resumed_from": result.resumed_from, "checkpoint": result.checkpoint})
         return _report(name, result, placement)
 
 
-def train_expert_task(run_dir: str, k: int, target: TrackingTarget | None = None) -> dict[str, Any]:
+def train_expert_task(run_dir: str, k: int, target: TrackingTarget | None = None, *,
+                      in_ray_worker: bool = False) -> dict[str, Any]:
     """Train (or resume) expert k, tracked as a child run."""
+    steps.check_expert(steps.load_config(run_dir), k)
     summary = steps.partition(run_dir)
-    if not 0 <= k < len(summary["sizes"]):
-        raise ValueError(f"expert {k} does not exist: the run has experts 0..{len(summary['sizes']) - 1}")
     tags = {"expert": k, "partition_size": summary["sizes"][k], "data_fingerprint": summary["data_fingerprint"]}
-    return _tracked(f"expert-{k}", target, tags, lambda on_log: steps.train_expert_step(run_dir, k, on_log))
+    return _tracked(f"expert-{k}", target, tags, lambda on_log, bar: steps.train_expert_step(run_dir, k, on_log, bar),
+                    in_ray_worker)
 
 
-def train_router_task(run_dir: str, target: TrackingTarget | None = None) -> dict[str, Any]:
+def train_router_task(run_dir: str, target: TrackingTarget | None = None, *,
+                      in_ray_worker: bool = False) -> dict[str, Any]:
     """Train (or resume) the router, tracked as a child run."""
     summary = steps.partition(run_dir)
     tags = {"router": True, "partition_sizes": summary["sizes"], "data_fingerprint": summary["data_fingerprint"]}
-    return _tracked("router", target, tags, lambda on_log: steps.train_router_step(run_dir, on_log))
+    return _tracked("router", target, tags, lambda on_log, bar: steps.train_router_step(run_dir, on_log, bar),
+                    in_ray_worker)

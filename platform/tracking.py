@@ -57,9 +57,8 @@ MODEL_FILE = Path(__file__).with_name("mlflow_model.py")  # the models-from-code
 MODEL_NAME = "ensemble"  # the name of the logged model under the parent run
 MODEL_ARTIFACT = "run"  # the key of the run-directory copy in the model's artifacts
 
-# MLflow's limits (mlflow.utils.validation): longer values and bigger batches are refused.
+# MLflow's limits (mlflow.utils.validation): longer values are refused.
 MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_KEY = 6000, 8000, 250
-MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH = 100, 1000
 CHECK_TIMEOUT_S = 5.0  # how long a tracking server may take to answer `check_tracking`
 
 
@@ -141,9 +140,8 @@ def start_parent(
     tags = {"run_dir": str(run_dir), "domain": config.get("domain"), "experts": config.get("experts")}
     run = client.create_run(_experiment_id(client, uri, experiment), run_name=run_name, tags=_tag_values(tags))
     run_id = run.info.run_id
-    params = [Param(key, value) for key, value in flatten_params(config).items()]
-    for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=params[start : start + MAX_PARAMS_PER_BATCH])
+    # MlflowClient.log_batch splits into batches within the server's limits itself.
+    client.log_batch(run_id, params=[Param(key, value) for key, value in flatten_params(config).items()])
     client.log_dict(run_id, dict(config), "config.json")
     return run_id
 
@@ -271,8 +269,7 @@ class ChildRun:
     def flush(self) -> None:
         """Send the buffered metrics now."""
         pending, self._pending = self._pending, []
-        for start in range(0, len(pending), MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self.run_id, metrics=pending[start : start + MAX_METRICS_PER_BATCH])
+        self._client.log_batch(self.run_id, metrics=pending)
         self._calls, self._last_flush = 0, time.monotonic()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -367,13 +364,14 @@ def copy_for_sampling(run_dir: str, dest: str) -> str:
 def _tracking_uri(uri: str) -> Iterator[None]:
     """Point MLflow's process-wide tracking URI at `uri` for the duration (model logging and
     registration read only that), then restore both it and the MLFLOW_TRACKING_URI variable."""
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved, saved_env = tracking_utils._tracking_uri, os.environ.get(TRACKING_ENV)
+    saved = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None  # None: unset again
+    saved_env = os.environ.get(TRACKING_ENV)
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
         mlflow.set_tracking_uri(saved)
-        if saved_env is not None:
+        if saved_env is None:
+            os.environ.pop(TRACKING_ENV, None)
+        else:
             os.environ[TRACKING_ENV] = saved_env

@@ -135,7 +135,7 @@ def test_unknown_strategy_names_the_choices(tmp_path, capsys) -> None:
     line = one_line_error(capsys)
     assert "'best'" in line and "top1" in line and "oracle" in line
     assert main(["sample", "--run-dir", str(tmp_path), "-n", "0", "--out", "x.npy"]) == 2
-    assert "-n: must be >= 1" in one_line_error(capsys)
+    assert "-n: Input should be greater than or equal to 1 (got 0)" in one_line_error(capsys)
 
 
 # --- preflight failures: a one-line error (exit 1) and nothing in the run directory ---------------

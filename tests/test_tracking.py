@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import tracking_tasks
 
 from archipelago.platform import sdk, tracking
 from archipelago.platform.islands import TaskSpec, submit_tasks
 from archipelago.platform.mlflow_model import parse_request
+from archipelago.router.sampling import SampleRequest
 
 TINY = {"steps": 4, "batch_size": 16, "warmup_steps": 1, "progress": False}
 DOMAIN = {"window": 8, "width": 16, "depth": 1, "heads": 2, "router_width": 16, "router_depth": 1}
@@ -154,11 +156,12 @@ def test_the_ensemble_model_loads_and_samples_in_a_new_process(store, client, fi
 @pytest.mark.parametrize(
     ("request_", "message"),
     [
-        ({"n": 2, "strategy": "best"}, "unknown strategy 'best'"),
-        ({"n": 2, "temperature": 1}, "unknown key.*temperature"),
+        ({"n": 2, "strategy": "best"}, "strategy: .*'full'.*got 'best'"),
+        ({"n": 2, "temperature": 1}, "temperature: unknown key"),
         ({"strategy": "top1"}, "needs n"),
-        ({"n": 2.5}, "n must be an integer"),
+        ({"n": 2.5}, "n: .*integer.*got 2.5"),
         ({"n": 2, "solver": "rk45"}, "unknown solver 'rk45'"),
+        ({"n": 2, "guidance": "strong"}, "guidance: .*number.*got 'strong'"),
     ],
 )
 def test_a_bad_request_names_the_bad_key_or_value(request_, message):
@@ -169,9 +172,10 @@ def test_a_bad_request_names_the_bad_key_or_value(request_, message):
 def test_a_request_gets_defaults_and_may_be_a_one_row_frame():
     import pandas as pd
 
-    expected = {"n": 3, "strategy": "top1", "solver": "heun", "steps": 50, "seed": 0, "top_k": 2}
+    expected = SampleRequest(n=3)
     assert parse_request({"n": 3}) == expected
     assert parse_request(pd.DataFrame([{"n": 3, "strategy": "top1"}])) == expected
+    assert parse_request({"n": np.int64(3)}, params={"guidance": 2}) == SampleRequest(n=3, guidance=2.0)
 
 
 def test_an_unreachable_tracking_server_fails_fast():

@@ -1,0 +1,79 @@
+"""Sample files: generated samples written to disk, and read back to be scored.
+
+.npy holds the decoded samples in the user's units ([n, L, C] windows for time series); .csv and
+.parquet hold a long table (columns sample, step, then the channels) for domains that decode to
+DataFrames. `read` takes a .npy back through the run's own domain (`ingest(fit=False)`: the run's
+fitted scaler), so metrics are computed in the scaled space the experts learned, exactly as
+`Run.evaluate` does for samples in memory. Errors are ValueErrors naming the file. `score_table`
+prints the scores of `evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from archipelago.experts.domain import Domain
+from archipelago.platform.sdk import Samples
+
+
+def _write_npy(path: str, samples: Samples, domain: Domain) -> None:
+    np.save(path, np.asarray(samples.items))
+
+
+def _frame(samples: Samples, domain: Domain) -> pd.DataFrame:
+    decode_frames = getattr(domain, "decode_frames", None)
+    if decode_frames is None:
+        raise ValueError(f"the {domain.name} domain does not decode to tables: write a .npy file")
+    frames = decode_frames(samples.batch)
+    return pd.concat([f.assign(sample=i, step=range(len(f))) for i, f in enumerate(frames)], ignore_index=True)[
+        ["sample", "step", *frames[0].columns]
+    ]
+
+
+WRITERS: dict[str, Callable[[str, Samples, Domain], None]] = {
+    ".npy": _write_npy,
+    ".csv": lambda path, samples, domain: _frame(samples, domain).to_csv(path, index=False),
+    ".parquet": lambda path, samples, domain: _frame(samples, domain).to_parquet(path, index=False),
+}
+
+
+def check_suffix(path: str) -> None:
+    """Raise ValueError unless `path` names a file type that `write` writes (checked before sampling)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in WRITERS:
+        raise ValueError(f"{path}: unknown file type {suffix!r}; choose one of {sorted(WRITERS)}")
+
+
+def write(path: str, samples: Samples, domain: Domain) -> None:
+    """Write samples as the file type of `path` says (see the module docstring)."""
+    check_suffix(path)
+    WRITERS[Path(path).suffix.lower()](path, samples, domain)
+
+
+def read(path: str, domain: Domain) -> Samples:
+    """Samples from a .npy file in user units, back in the domain's tensors (see the module docstring)."""
+    if Path(path).suffix.lower() != ".npy":
+        raise ValueError(f"{path}: expected a .npy file written by `archipelago sample`")
+    items = np.load(path)
+    table = domain.ingest(items, fit=False)
+    batch = domain.samples(table).batch(torch.arange(table.num_rows))
+    return Samples(items=items, batch=batch, strategy="file", expert_calls_per_sample=float("nan"),
+                   router_calls_per_sample=float("nan"))
+
+
+def score_table(scores: Mapping[str, Any], as_json: bool = False) -> str:
+    """Metric, mean and 95% half-interval per row (scores with `mean` and `interval`, or plain numbers)."""
+    rows = {name: (getattr(s, "mean", s), getattr(s, "interval", 0.0)) for name, s in scores.items()}
+    if as_json:
+        return json.dumps({name: {"mean": m, "interval": i} for name, (m, i) in rows.items()}, indent=2)
+    width = max(len("metric"), *map(len, rows))
+    lines = [f"{'metric':<{width}}  {'mean':>10}  {'± 95%':>10}"]
+    lines += [f"{name:<{width}}  {m:>10.4f}  {i:>10.4f}" for name, (m, i) in rows.items()]
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""A run's progress, read from storage: partition sizes, each training's latest step, assembled or not.
+
+Only complete checkpoints count (LATEST moves after their files), so this is safe while a fit
+writes the run directory from anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from archipelago.experts import storage
+from archipelago.experts.checkpoint import latest_checkpoint
+from archipelago.platform import steps
+
+
+def _progress(folder: str, configured: int) -> dict[str, Any]:
+    latest = latest_checkpoint(folder)
+    step = storage.read_json(storage.join(latest, "meta.json"))["step"] if latest else None
+    state = "not started" if step is None else "done" if step >= configured else "in progress"
+    return {"step": step, "steps": configured, "state": state}
+
+
+def run_status(run_dir: str) -> dict[str, Any]:
+    """What storage says about a run (see the module docstring), as a JSON-ready dict."""
+    config = steps.load_config(run_dir)
+    partition = storage.join(run_dir, steps.PARTITION_FILE)
+    return {
+        "run_dir": run_dir,
+        "domain": config.domain,
+        "partition_sizes": storage.read_json(partition)["sizes"] if storage.exists(partition) else None,
+        "experts": [
+            {
+                "expert": k,
+                "island": config.placement_of(k).island,
+                **_progress(steps.expert_dir(run_dir, k), config.expert.steps),
+            }
+            for k in range(config.experts)
+        ],
+        "router": _progress(steps.router_dir(run_dir), config.router.steps),
+        "assembled": storage.exists(storage.join(run_dir, steps.ENSEMBLE_FILE)),
+    }
+
+
+def status_text(status: dict[str, Any], as_json: bool = False) -> str:
+    """A run status as a table (or as JSON)."""
+    if as_json:
+        return json.dumps(status, indent=2)
+    sizes = status["partition_sizes"]
+
+    def row(name: str, p: dict[str, Any], size: Any = "") -> str:
+        return f"{name:<10} {p['step'] if p['step'] is not None else '-':>6} / {p['steps']:<6} {p['state']:<12} {size}"
+
+    lines = [f"run {status['run_dir']} ({status['domain']})", f"{'':<10} {'step':>6} / {'steps':<6} {'state':<12} size"]
+    lines += [row(f"expert {e['expert']}", e, sizes[e["expert"]] if sizes else "-") for e in status["experts"]]
+    lines += [row("router", status["router"], sum(sizes) if sizes else "-")]
+    lines += [
+        f"partition: {'sizes ' + ', '.join(map(str, sizes)) if sizes else 'not yet'}",
+        f"assembled: {'yes' if status['assembled'] else 'no'}",
+    ]
+    return "\n".join(lines)
