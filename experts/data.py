@@ -1,15 +1,20 @@
-"""Training samples held as tensors, batched by index: dense (fixed-size) and ragged (variable-size).
+"""Training samples batched by index: dense (fixed-size), ragged (variable-size), and read in blocks.
 
-A domain turns its Arrow records into one of these once; training then draws batches by sample
-index. `fingerprint()` is a content hash saved with every checkpoint, so that a resumed or
-reloaded expert can be checked against the data it was trained on.
+A domain turns its Arrow records into one of these; training then draws batches by sample index.
+`fingerprint()` is a content hash saved with every checkpoint, so that a resumed or reloaded expert
+can be checked against the data it was trained on.
+
+Data larger than memory is stored as several Parquet shards (blocks). `StreamedSamples` reads them
+one block at a time, `Blocked` holds the same blocks in memory, and `batch_ids` draws every batch
+from one block in a schedule that depends only on the block sizes, the step and the seed: both give
+the same batches, so the same weights, and a resumed training draws what it would have drawn.
 """
 
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +44,10 @@ class Samples(ABC):
     @abstractmethod
     def fingerprint(self) -> str:
         """A short content hash of the samples."""
+
+    def block_sizes(self) -> list[int]:
+        """The sizes of the blocks (shards) the samples are stored in, in order; one when in memory."""
+        return [len(self)]
 
 
 class DenseSamples(Samples):
@@ -130,3 +139,94 @@ class LevelSamples(Samples):
         for index, level in self.levels.items():
             tensors.update({f"{index}/{k}": v for k, v in level.ragged.items()} | {f"{index}/__sizes__": level.sizes})
         return hash_tensors(tensors)
+
+
+def batch_ids(blocks: Sequence[int], step: int, batch_size: int, generator: torch.Generator, seed: int) -> Tensor:
+    """The sample ids of training step `step`, drawn with replacement by `generator`.
+
+    One block: uniformly from all samples. Several blocks: every batch from one block, each pass
+    over the data visiting the blocks in a random order with ceil(size / batch_size) steps each, so
+    a reader holds one block at a time and every sample is drawn about equally often. The order of
+    a pass is seeded by (seed, pass) alone, so resuming needs no state beyond the generator's.
+    """
+    if len(blocks) == 1:
+        return torch.randint(blocks[0], (batch_size,), generator=generator)
+    steps = [-(-size // batch_size) for size in blocks]
+    sweep, within = divmod(step, sum(steps))
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 1_000_003 + sweep))
+    for block in order.tolist():
+        if within < steps[block]:
+            break
+        within -= steps[block]
+    start = sum(blocks[:block])
+    return start + torch.randint(blocks[block], (batch_size,), generator=generator)
+
+
+def _blocks_fingerprint(batches: Iterable[Batch]) -> str:
+    """The fingerprint of samples stored in several blocks, from each whole block's batch: the same
+    whether the blocks are read one by one or held together."""
+    return hashlib.sha256(",".join(hash_tensors(batch) for batch in batches).encode()).hexdigest()[:16]
+
+
+class Blocked(Samples):
+    """Samples held in memory that were stored in blocks of `sizes`: batches follow the blocks as
+    `StreamedSamples` of the same blocks would (see `batch_ids`), with the same fingerprint."""
+
+    def __init__(self, samples: Samples, sizes: Sequence[int]):
+        if sum(sizes) != len(samples):
+            raise ValueError(f"blocks of {sum(sizes)} samples in all for {len(samples)} samples")
+        self.inner, self.sizes = samples, list(sizes)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def batch(self, ids: Tensor) -> Batch:
+        return self.inner.batch(ids)
+
+    def block_sizes(self) -> list[int]:
+        return self.sizes
+
+    def fingerprint(self) -> str:
+        if len(self.sizes) == 1:
+            return self.inner.fingerprint()
+        starts = [sum(self.sizes[:b]) for b in range(len(self.sizes))]
+        return _blocks_fingerprint(self.inner.batch(torch.arange(start, start + size))
+                                   for start, size in zip(starts, self.sizes, strict=True))
+
+
+class StreamedSamples(Samples):
+    """Samples read block by block: `load(b)` gives block b (of `sizes[b]` samples, e.g. one
+    Parquet shard); only the block read last is held. A batch must lie in one block, as the
+    batches of `batch_ids` do."""
+
+    def __init__(self, sizes: Sequence[int], load: Callable[[int], Samples]):
+        self.sizes, self.load = list(sizes), load
+        self.ends = torch.cumsum(torch.tensor(self.sizes), 0)
+        self._held: tuple[int, Samples] | None = None
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def block_sizes(self) -> list[int]:
+        return self.sizes
+
+    def block(self, b: int) -> Samples:
+        """Block b's samples (read unless it is the block held)."""
+        if self._held is None or self._held[0] != b:
+            samples = self.load(b)
+            if len(samples) != self.sizes[b]:
+                raise ValueError(f"block {b} holds {len(samples)} samples, {self.sizes[b]} were expected")
+            self._held = (b, samples)
+        return self._held[1]
+
+    def batch(self, ids: Tensor) -> Batch:
+        blocks = torch.searchsorted(self.ends, ids, right=True).unique()
+        if len(blocks) != 1:
+            raise ValueError(f"a batch of streamed samples must lie in one block, got blocks {blocks.tolist()}")
+        b = int(blocks[0])
+        return self.block(b).batch(ids - (int(self.ends[b]) - self.sizes[b]))
+
+    def fingerprint(self) -> str:
+        if len(self.sizes) == 1:
+            return self.block(0).fingerprint()
+        return _blocks_fingerprint(self.block(b).batch(torch.arange(size)) for b, size in enumerate(self.sizes))

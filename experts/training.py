@@ -25,7 +25,7 @@ from archipelago.experts.batch import Batch
 from archipelago.experts.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from archipelago.experts.conditions import drop_conditions
 from archipelago.experts.conventions import Prediction
-from archipelago.experts.data import Samples
+from archipelago.experts.data import Samples, batch_ids
 from archipelago.experts.denoiser import denoising_loss
 from archipelago.experts.domain import Domain, Statistics
 
@@ -152,7 +152,7 @@ def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: Tr
     generators = {"data": torch.Generator().manual_seed(config.seed),
                   "noise": torch.Generator(device=device).manual_seed(config.seed + 1)}
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
-    fingerprint = samples.fingerprint()
+    fingerprint, blocks = samples.fingerprint(), samples.block_sizes()
     full_meta = {**meta, "config": config.model_dump(mode="json") | meta.get("config", {}),
                  "seed": config.seed, "data_fingerprint": fingerprint}
     start = 0
@@ -170,7 +170,7 @@ def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: Tr
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        ids = torch.randint(len(samples), (config.batch_size,), generator=generators["data"])
+        ids = batch_ids(blocks, step, config.batch_size, generators["data"], config.seed)
         batch = {name: value.to(device) for name, value in samples.batch(ids).items()}
         loss = loss_fn(model, batch, generators["noise"])
         optimizer.zero_grad(set_to_none=True)

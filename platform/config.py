@@ -18,7 +18,7 @@ from archipelago.experts.domain import Domain
 from archipelago.experts.training import RESUMABLE_KEYS, TrainConfig
 
 # Keys that do not change what a run computes, so they may differ when a run is resumed.
-NON_IDENTITY_KEYS = RESUMABLE_KEYS | {"device"}
+NON_IDENTITY_KEYS = RESUMABLE_KEYS | {"device", "stream"}
 
 
 class PartitionConfig(BaseModel):
@@ -50,6 +50,8 @@ class RunConfig(BaseModel):
     domain_config: dict[str, Any] = {}  # the domain's own settings (validated by the domain)
     data: str | None = None  # the source (a path, or "sines:N"); None when data is passed in memory
     experts: int = Field(4, ge=1)  # K, the number of partitions and experts
+    shard_rows: int = Field(100_000, ge=1)  # records per Parquet shard (records, partitions, latents)
+    stream: bool = True  # experts and the router read their data shard by shard; False: all in memory
     seed: int = 0  # the run seed; expert k and the router derive theirs from it
     prediction: Prediction = Prediction.VELOCITY  # what the experts predict
     partition: PartitionConfig = PartitionConfig()

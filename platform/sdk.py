@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from archipelago.domains import domain_reference
-from archipelago.experts import storage
 from archipelago.experts.batch import Batch
 from archipelago.experts.domain import Domain
 from archipelago.platform import runner, steps
@@ -93,7 +92,7 @@ class Run:
 
     def records(self) -> pa.Table:
         """The records the run was fitted on."""
-        return steps.read_table(storage.join(self.run_dir, "records", "part-0.parquet"))
+        return steps.read_records(self.run_dir)
 
     def evaluate(self, generated: Samples, real: Any = None, **options: Any) -> dict[str, Any]:
         """The domain's metrics of generated samples against `real` (a source the domain can read,

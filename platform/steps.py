@@ -2,10 +2,12 @@
 
     run.json                        the resolved RunConfig (the run's identity)
     domain.json                     the domain's config with its fitted state (e.g. the scaler)
-    records/part-0.parquet          the ingested records
-    partition.json                  centroids, cluster sizes, feature standardization, data fingerprint
-    data/expert=<k>/part-0.parquet  the records of cluster k (hive-partitioned)
+    records/part-<i>.parquet        the ingested records, in shards of `shard_rows`
+    partition.json                  centroids, cluster sizes and shard sizes, feature standardization,
+                                    per-cluster statistics, data fingerprint
+    data/expert=<k>/part-<i>.parquet  the records of cluster k (hive-partitioned), in shards
     codec/, latents/expert=<k>/     domains with a codec: its checkpoints, and cluster k's latents
+                                    (one shard per shard of data/expert=<k>/)
     latents.json                    marks the latents complete and names the codec checkpoint
     experts/expert-<k>/             expert k's checkpoints (safetensors + JSON, LATEST pointer)
     router/                         the router's checkpoints
@@ -15,6 +17,10 @@ The run directory is any storage URI (a local folder, s3://...). Because every s
 writes only there, a step can run on another machine or cluster, be repeated, or be resumed:
 `prepare` refuses a directory that holds a different run, `partition` is skipped when done, and
 training resumes from the latest checkpoint.
+
+Experts, the router and the codec read their data shard by shard (`StreamedSamples`), or with
+`stream: false` all in memory in the same batches; ingesting and clustering still hold the records
+(an Arrow table) and their features in memory.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from archipelago.experts import storage
 from archipelago.experts.batch import Batch
 from archipelago.experts.checkpoint import ema_weights, latest_checkpoint
 from archipelago.experts.codec import encode_samples, latent_samples, latents_to_table, load_codec, train_codec
-from archipelago.experts.data import Samples
+from archipelago.experts.data import Blocked, Samples, StreamedSamples
 from archipelago.experts.denoiser import Denoiser
 from archipelago.experts.domain import Domain, Statistics
 from archipelago.experts.training import (
@@ -80,6 +86,33 @@ def read_table(uri: str) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
 
 
+def _write_shards(folder: str, table: pa.Table, shard_rows: int) -> list[int]:
+    """Write `table` as folder/part-<i>.parquet of at most `shard_rows` rows each; their sizes."""
+    sizes = []
+    for i, start in enumerate(range(0, table.num_rows, shard_rows) or [0]):  # an empty table: one empty shard
+        shard = table.slice(start, shard_rows)
+        _write_table(_shard(folder, i), shard)
+        sizes.append(shard.num_rows)
+    return sizes
+
+
+def _shard(folder: str, i: int) -> str:
+    return storage.join(folder, f"part-{i}.parquet")
+
+
+def _read_shards(folder: str) -> pa.Table:
+    names = [name for name in storage.list_dir(folder) if name.startswith("part-") and name.endswith(".parquet")]
+    if not names:
+        raise FileNotFoundError(f"no Parquet shards in {folder}")
+    names.sort(key=lambda name: int(name[5:-8]))
+    return pa.concat_tables([read_table(storage.join(folder, name)) for name in names])
+
+
+def read_records(run_dir: str) -> pa.Table:
+    """All ingested records of a run, in order."""
+    return _read_shards(storage.join(run_dir, "records"))
+
+
 def load_config(run_dir: str) -> RunConfig:
     uri = storage.join(run_dir, RUN_FILE)
     if not storage.exists(uri):
@@ -115,8 +148,10 @@ def prepare(config: RunConfig, run_dir: str, source: Any = None, domain: Domain 
     """
     domain = domain or validate_domain(config)
     exists = check_run_dir(config, run_dir)
-    if exists and storage.exists(storage.join(run_dir, PARTITION_FILE)):
-        return load_domain(run_dir)
+    if exists:  # the same run: settings that may change on resume (steps, device, ...) take effect
+        storage.write_json(storage.join(run_dir, RUN_FILE), {"config": config.model_dump(mode="json")})
+        if storage.exists(storage.join(run_dir, PARTITION_FILE)):
+            return load_domain(run_dir)
     source = source if source is not None else config.data
     if source is None:
         raise ValueError("no data: give a source (a path, 'sines:N', a DataFrame or an array)")
@@ -128,8 +163,8 @@ def prepare(config: RunConfig, run_dir: str, source: Any = None, domain: Domain 
     storage.write_json(
         storage.join(run_dir, DOMAIN_FILE), {"domain": domain_reference(domain), "config": domain.to_config()}
     )
-    _write_table(storage.join(run_dir, "records", "part-0.parquet"), records)
-    _write_partition(run_dir, domain, records, clusters)
+    _write_shards(storage.join(run_dir, "records"), records, config.shard_rows)
+    _write_partition(run_dir, config, domain, records, clusters)
     return domain
 
 
@@ -139,15 +174,16 @@ def _cluster(config: RunConfig, domain: Domain, records: pa.Table) -> Partition:
                             slack=p.slack, min_size=p.min_size)
 
 
-def _write_partition(run_dir: str, domain: Domain, records: pa.Table, clusters: Partition) -> dict[str, Any]:
+def _write_partition(run_dir: str, config: RunConfig, domain: Domain, records: pa.Table,
+                     clusters: Partition) -> dict[str, Any]:
     """Write data/expert=<k>/ for every cluster, then partition.json (which marks the step done)."""
+    shards, statistics = [], []
     for k in range(len(clusters.centroids)):
-        _write_table(storage.join(run_dir, "data", f"expert={k}", "part-0.parquet"),
-                     records.filter(pa.array(clusters.labels == k)))
-    statistics = [domain.statistics(records.filter(pa.array(clusters.labels == k)))
-                  for k in range(len(clusters.centroids))]
+        cluster = records.filter(pa.array(clusters.labels == k))
+        shards.append(_write_shards(storage.join(run_dir, "data", f"expert={k}"), cluster, config.shard_rows))
+        statistics.append(domain.statistics(cluster))
     summary = {**clusters.to_dict(), "data_fingerprint": domain.samples(records).fingerprint(),
-               "features": f"{domain.name}.features", "statistics": statistics}
+               "features": f"{domain.name}.features", "statistics": statistics, "shards": shards}
     storage.write_json(storage.join(run_dir, PARTITION_FILE), summary)
     return summary
 
@@ -158,8 +194,8 @@ def partition(run_dir: str) -> dict[str, Any]:
     if storage.exists(done):
         return storage.read_json(done)
     config, domain = load_config(run_dir), load_domain(run_dir)
-    records = read_table(storage.join(run_dir, "records", "part-0.parquet"))
-    return _write_partition(run_dir, domain, records, _cluster(config, domain, records))
+    records = read_records(run_dir)
+    return _write_partition(run_dir, config, domain, records, _cluster(config, domain, records))
 
 
 def encode(run_dir: str, on_log: OnLog | None = None) -> dict[str, Any] | None:
@@ -174,32 +210,56 @@ def encode(run_dir: str, on_log: OnLog | None = None) -> dict[str, Any] | None:
         return storage.read_json(done)
     config = load_config(run_dir)
     train = config.codec.model_copy(update={"seed": derive_seed(config.seed, "codec")})
-    records = pa.concat_tables([expert_records(run_dir, k) for k in range(config.experts)])
-    result = train_codec(train, domain, domain.samples(records), codec_dir(run_dir), on_log)
+    sizes = _shard_sizes(run_dir)
+    shards = [(k, i) for k in range(config.experts) for i in range(len(sizes[k]))]
+    records = _read_blocks(config, [_shard(_data_dir(run_dir, k), i) for k, i in shards], domain.samples,
+                           [sizes[k][i] for k, i in shards])
+    result = train_codec(train, domain, records, codec_dir(run_dir), on_log)
     codec = load_codec(domain, result.checkpoint, pick_device(train.device))
-    for k in range(config.experts):
-        latents = encode_samples(codec, domain.samples(expert_records(run_dir, k)))
-        _write_table(storage.join(run_dir, "latents", f"expert={k}", "part-0.parquet"), latents_to_table(latents))
+    for k, i in shards:  # one shard in memory at a time
+        latents = encode_samples(codec, domain.samples(read_table(_shard(_data_dir(run_dir, k), i))))
+        _write_table(_shard(storage.join(run_dir, "latents", f"expert={k}"), i), latents_to_table(latents))
     summary = {"codec": ["codec", storage.base_name(result.checkpoint)]}
     storage.write_json(done, summary)
     return summary
 
 
+def _data_dir(run_dir: str, k: int) -> str:
+    return storage.join(run_dir, "data", f"expert={k}")
+
+
+def _shard_sizes(run_dir: str) -> list[list[int]]:
+    """The sizes of every partition's shards (one shard each in runs partitioned before shards were
+    recorded)."""
+    summary = storage.read_json(storage.join(run_dir, PARTITION_FILE))
+    return summary.get("shards") or [[size] for size in summary["sizes"]]
+
+
 def expert_records(run_dir: str, k: int) -> pa.Table:
     """The records of partition k only."""
-    return read_table(storage.join(run_dir, "data", f"expert={k}", "part-0.parquet"))
+    return _read_shards(_data_dir(run_dir, k))
 
 
 def expert_samples(run_dir: str, k: int, domain: Domain) -> Samples:
     """What expert k trains on: its partition's records as tensors, or its stored latents when the
-    run has a codec."""
-    return _as_samples(run_dir, domain)(_training_table(run_dir, k))
+    run has a codec; read shard by shard unless the run says `stream: false`."""
+    sizes = _shard_sizes(run_dir)[k]
+    return _read_blocks(load_config(run_dir), _training_shards(run_dir, k, len(sizes)), _as_samples(run_dir, domain),
+                        sizes)
 
 
-def _training_table(run_dir: str, k: int) -> pa.Table:
-    if storage.exists(storage.join(run_dir, LATENTS_FILE)):
-        return read_table(storage.join(run_dir, "latents", f"expert={k}", "part-0.parquet"))
-    return expert_records(run_dir, k)
+def _training_shards(run_dir: str, k: int, count: int) -> list[str]:
+    latents = storage.exists(storage.join(run_dir, LATENTS_FILE))
+    folder = storage.join(run_dir, "latents", f"expert={k}") if latents else _data_dir(run_dir, k)
+    return [_shard(folder, i) for i in range(count)]
+
+
+def _read_blocks(config: RunConfig, uris: list[str], to_samples: Callable[[pa.Table], Samples],
+                 sizes: list[int]) -> Samples:
+    """The samples of shards `uris` (of `sizes` records): streamed, or all read now (`stream: false`)."""
+    if config.stream:
+        return StreamedSamples(sizes, lambda b: to_samples(read_table(uris[b])))
+    return Blocked(to_samples(pa.concat_tables([read_table(uri) for uri in uris])), sizes)
 
 
 def _as_samples(run_dir: str, domain: Domain) -> Callable[[pa.Table], Samples]:
@@ -228,13 +288,14 @@ def train_router_step(run_dir: str, on_log: OnLog | None = None,
                       progress_bar: ProgressBar | None = None) -> TrainResult:
     """Train (or resume) the router on every partition's records with their cluster labels."""
     config, domain = load_config(run_dir), load_domain(run_dir)
-    tables = [_training_table(run_dir, k) for k in range(config.experts)]
-    labels = torch.cat([torch.full((t.num_rows,), k) for k, t in enumerate(tables)])
+    sizes = _shard_sizes(run_dir)
+    uris = [uri for k in range(config.experts) for uri in _training_shards(run_dir, k, len(sizes[k]))]
+    labels = torch.cat([torch.full((sum(s),), k) for k, s in enumerate(sizes)])
     train = config.router.model_copy(update={"seed": derive_seed(config.seed, "router")})
     return train_router(
         RouterConfig(num_experts=config.experts, train=train),
         domain,
-        _as_samples(run_dir, domain)(pa.concat_tables(tables)),
+        _read_blocks(config, uris, _as_samples(run_dir, domain), [n for s in sizes for n in s]),
         labels,
         router_dir(run_dir),
         on_log,

@@ -44,6 +44,9 @@ class LabelledSamples(Samples):
     def batch(self, ids: Tensor) -> Batch:
         return {**self.inner.batch(ids), LABEL: self.labels[ids]}
 
+    def block_sizes(self) -> list[int]:
+        return self.inner.block_sizes()
+
     def fingerprint(self) -> str:
         return f"{self.inner.fingerprint()}-{hash_tensors({LABEL: self.labels})}"
 
