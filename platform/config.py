@@ -7,10 +7,10 @@ config is validated by the domain class itself (`validate_domain`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from archipelago.domains import domain_class
 from archipelago.experts.conventions import Prediction
@@ -60,6 +60,15 @@ class RunConfig(BaseModel):
     codec: TrainConfig = TrainConfig(steps=500)  # training of the domain's codec (only domains with one)
     placement: list[Placement] | None = None  # per expert; None: every expert anywhere
     router_placement: Placement = Placement()
+
+    @field_validator("expert", "router", "codec", mode="before")
+    @classmethod
+    def _over_its_own_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        """A partial training mapping overrides that training's defaults (the router's 500 steps),
+        not TrainConfig's: `--set router.lr=0.01` must not also change the router's steps."""
+        if isinstance(value, Mapping):
+            return cls.model_fields[info.field_name].default.model_dump() | dict(value)
+        return value
 
     @model_validator(mode="after")
     def _placements_match_experts(self) -> RunConfig:

@@ -16,6 +16,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from archipelago.domains.timeseries.data import table_to_windows
+from archipelago.domains.timeseries.metrics import correlational
+from archipelago.platform import sdk
 from archipelago.platform.cli import main
 
 ARCHIPELAGO = str(Path(sys.executable).with_name("archipelago"))  # the console script of this venv
@@ -58,10 +61,81 @@ def written(folder: Path) -> list[str]:
 # --- help and dry runs ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help_and_dry_run(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([command, "--help"]) == 0
-    assert "--dry-run" in capsys.readouterr().out
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every path under folder with its (mtime, size)."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+
+
+def dry_runs(run_dir: Path, settings: Path, out: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Per command: the argv of its dry run on a fitted run (or its settings) and what its plan must say."""
+    run = str(run_dir)
+    dashboard = "http://127.0.0.1:8265"  # never contacted by a dry run
+    return {
+        "fit": (["fit", str(settings)], ["# plan", f"run directory: {run}", "expert 1: 4 steps of batch 16"]),
+        "partition": (["partition", str(settings)], [f"check, ingest and partition into {run}"]),
+        "partition --run-dir": (["partition", "--run-dir", run], [f"partition {run}"]),
+        "train-expert": (
+            ["train-expert", "--run-dir", run, "--expert", "1"],
+            [f"train expert 1 for 4 steps into {run_dir / 'experts' / 'expert-1'}, in this process, untracked"],
+        ),
+        "train-router": (
+            ["train-router", "--run-dir", run, "--parent-run-id", "abc123"],
+            [f"train the router for 4 steps into {run_dir / 'router'}", "tracked as a child of MLflow run abc123"],
+        ),
+        "assemble": (["assemble", "--run-dir", run], [f"write ensemble.json in {run} from the latest checkpoints"]),
+        "sample": (
+            ["sample", "--run-dir", run, "-n", "5", "--strategy", "topk", "--steps", "3", "--out", str(out)],
+            ['"n":5', '"strategy":"topk"', '"steps":3', f"write {out}"],
+        ),
+        "evaluate": (
+            ["evaluate", "--run-dir", run, "--samples", str(out), "--metrics", "vds", "--repeats", "2"],
+            [f"score {out} against the run's own records with metrics ['vds'], 2 repeats, seed 0"],
+        ),
+        "status": (["status", "--run-dir", run], [f"checkpoints and ensemble.json of {run}"]),
+        "submit": (["submit", str(settings), "--address", dashboard], ["submission id: archipelago-", dashboard]),
+    }
+
+
+def test_every_command_has_help_and_a_dry_run_below(capsys) -> None:
+    assert {argv[0] for argv, _ in dry_runs(Path("r"), Path("s"), Path("o")).values()} == set(COMMANDS)
+    for command in COMMANDS:
+        assert main([command, "--help"]) == 0 and "--dry-run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", list(dry_runs(Path("r"), Path("s"), Path("o"))))
+def test_dry_runs_print_the_plan_and_write_nothing(case: str, fitted, tmp_path, monkeypatch, capsys) -> None:
+    run_dir, _ = fitted
+    monkeypatch.chdir(tmp_path)  # MLflow's default store would be ./mlflow.db
+    settings, out = write_settings(tmp_path, run_dir=str(run_dir)), tmp_path / "samples.npy"
+    argv, expected = dry_runs(run_dir, settings, out)[case]
+    before = snapshot(run_dir)
+    assert main([*argv, "--dry-run"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "# plan\n" in printed
+    for text in expected:
+        assert text in printed, (text, printed)
+    assert snapshot(run_dir) == before and written(tmp_path) == ["run.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "problem"),
+    [
+        (["train-expert", "--expert", "2"], "experts 0..1"),
+        (["sample", "-n", "0", "--out", "x.npy"], "-n: Input should be greater than or equal to 1"),
+        (["sample", "--out", "x.txt"], ".txt"),
+        (["fit", "--set", "expert.stepz=3"], "expert.stepz: unknown key"),
+    ],
+)
+def test_dry_runs_still_refuse_bad_settings(argv, problem, fitted, tmp_path, monkeypatch, capsys) -> None:
+    run_dir, _ = fitted
+    monkeypatch.chdir(tmp_path)
+    where = [str(write_settings(tmp_path, run_dir=str(run_dir)))] if argv[0] == "fit" else ["--run-dir", str(run_dir)]
+    before = snapshot(run_dir)
+    assert main([argv[0], *where, *argv[1:], "--dry-run"]) == 2
+    assert problem in one_line_error(capsys) and "# plan" not in capsys.readouterr().out
+    assert snapshot(run_dir) == before
+    assert main(["sample", "--run-dir", str(tmp_path / "none"), "--out", "x.npy", "--dry-run"]) == 1
+    assert "none" in one_line_error(capsys)
 
 
 def test_fit_dry_run_prints_settings_and_plan_and_writes_nothing(tmp_path, monkeypatch, capsys) -> None:
@@ -253,9 +327,30 @@ def test_evaluate_prints_mean_and_interval(fitted, tmp_path, capsys) -> None:
     ]
     assert main([*args, "--json"]) == 0
     score = json.loads(capsys.readouterr().out)["correlational"]
-    assert score["mean"] >= 0 and score["interval"] >= 0
+    # The same numbers as the metric itself on the run's records and the samples (sines: identity scaler).
+    records = table_to_windows(sdk.load(str(run_dir)).records())
+    expected = correlational(np.asarray(records, np.float64), np.load(samples), repeats=2, seed=0)
+    assert score == pytest.approx({"mean": expected.mean, "interval": expected.interval}, rel=1e-9)
     assert main(args) == 0
-    assert capsys.readouterr().out.splitlines()[1].startswith("correlational")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["correlational", f"{expected.mean:.4f}", f"{expected.interval:.4f}"]
+
+
+def test_evaluate_scores_the_runs_own_records_near_zero(fitted, tmp_path, capsys) -> None:
+    """Records written as a samples file score ~0 against the records; the tiny model's samples do not."""
+    run_dir, _ = fitted
+    own, generated = tmp_path / "own.npy", tmp_path / "generated.npy"
+    np.save(own, table_to_windows(sdk.load(str(run_dir)).records()))
+    assert main(["sample", "--run-dir", str(run_dir), "-n", "64", "--steps", "2", "--out", str(generated)]) == 0
+    capsys.readouterr()
+
+    def vds(samples: Path) -> float:
+        args = ["--metrics", "vds", "--repeats", "1", "--json"]
+        assert main(["evaluate", "--run-dir", str(run_dir), "--samples", str(samples), *args]) == 0
+        return json.loads(capsys.readouterr().out)["vds"]["mean"]
+
+    same, far = vds(own), vds(generated)
+    assert same == pytest.approx(0.0, abs=1e-6) and far > 0.01, (same, far)
 
 
 def test_a_different_run_in_the_run_directory_is_refused_unchanged(fitted, tmp_path, capsys) -> None:

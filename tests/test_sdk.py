@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from archipelago.domains.timeseries.domain import TimeSeriesDomain
 from archipelago.experts.training import CheckpointMismatch
 from archipelago.platform import sdk
+from archipelago.platform.status import run_status
 from archipelago.platform.steps import RunConflict
 
 TINY = {"steps": 6, "batch_size": 16, "warmup_steps": 2, "progress": False}
@@ -62,11 +64,39 @@ def test_a_new_process_loads_the_run_and_samples(run):
     assert out.stdout.strip() == "(4, 8, 3)"
 
 
+def min_max_windows(frame, low, high, window=8):
+    """Sliding windows [N, window, C] of a frame's numeric columns scaled by hand to low..high -> 0..1."""
+    scaled = (frame[["open", "volume", "close"]].to_numpy() - low) / (high - low)
+    return np.lib.stride_tricks.sliding_window_view(scaled, window, axis=0).transpose(0, 2, 1)
+
+
+def as_samples(windows):
+    batch = {"x": torch.tensor(np.array(windows), dtype=torch.float32)}
+    return sdk.Samples(items=windows, batch=batch, strategy="given", expert_calls_per_sample=0.0,
+                       router_calls_per_sample=0.0)
+
+
 def test_evaluate_against_held_out_data_scaled_like_training(run, tmp_path):
-    held_out = tmp_path / "held_out.csv"
-    series(rows=40, seed=1).to_csv(held_out, index=False)
-    scores = run.evaluate(run.sample(33, steps=2), real=str(held_out), metrics=["correlational"], repeats=2)
-    assert scores["correlational"].mean >= 0 and len(scores["correlational"].values) == 2
+    """A held-out slice of the training series spans less than the whole, so scaling it with its own
+    min and max would stretch it; evaluate must scale it with the training scaler instead."""
+    training = series()
+    columns = ["open", "volume", "close"]
+    low, high = training[columns].min().to_numpy(), training[columns].max().to_numpy()
+    held_out = training.iloc[20:60]
+    path = tmp_path / "held_out.csv"
+    held_out.to_csv(path, index=False)
+    like_training = min_max_windows(held_out, low, high)
+    own_low, own_high = held_out[columns].min().to_numpy(), held_out[columns].max().to_numpy()
+    refitted = min_max_windows(held_out, own_low, own_high)
+    assert like_training.min() >= 0 and like_training.max() <= 1 and len(like_training) == 40 - 8 + 1
+
+    def vds(samples):
+        return run.evaluate(samples, real=str(path), metrics=["vds"], repeats=2, vds={"positions": 500})["vds"]
+
+    same = vds(as_samples(like_training))
+    assert same.mean == pytest.approx(0.0, abs=1e-6) and len(same.values) == 2
+    assert vds(as_samples(refitted)).mean > 0.01  # what a refitted scaler would have compared with
+    assert vds(run.sample(33, steps=2)).mean > 0.01  # and generated windows are not the held-out ones
 
 
 def test_run_directory_layout(run):
@@ -78,11 +108,26 @@ def test_run_directory_layout(run):
     assert sum(ensemble["cluster_sizes"]) == 80 - 8 + 1
 
 
+def files_of(root):
+    """Every file under root: its (mtime, bytes)."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(root).rglob("*")
+            if p.is_file()}
+
+
 def test_refitting_the_same_run_resumes_instead_of_retraining(csv, run):
-    checkpoint = Path(run.run_dir, "experts", "expert-0", "step-00000006", "model.safetensors")
-    written = checkpoint.stat().st_mtime_ns
+    before = files_of(run.run_dir)
+    expected = run.sample(4, solver="euler", steps=2, seed=3).items
     again = fit(str(csv), run.run_dir)
-    assert again.run_dir == run.run_dir and checkpoint.stat().st_mtime_ns == written
+    after = files_of(run.run_dir)
+    assert sorted(after) == sorted(before)  # no new checkpoint step, nothing else added
+    assert {name: content for name, (_, content) in after.items()} == {n: c for n, (_, c) in before.items()}
+    # Only the settings (run.json) and the ensemble (ensemble.json) are rewritten, with the same bytes;
+    # no checkpoint, partition or record is written again.
+    touched = sorted(name for name in before if after[name][0] != before[name][0])
+    assert set(touched) <= {"run.json", "ensemble.json"}, touched
+    assert [(e["step"], e["state"]) for e in run_status(again.run_dir)["experts"]] == [(6, "done")] * 2
+    assert run_status(again.run_dir)["router"]["step"] == 6
+    np.testing.assert_array_equal(again.sample(4, solver="euler", steps=2, seed=3).items, expected)
 
 
 def test_a_run_directory_with_a_different_run_is_refused(csv, run):

@@ -143,9 +143,23 @@ def test_ts2vec_embeddings_and_loss():
     windows = torch.as_tensor(sines(16, seed=3), dtype=torch.float32)
     encoder = train_ts2vec(windows, torch.Generator().manual_seed(0), iterations=2)
     assert embed(encoder, windows).shape == (16, 320)
-    z = torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(0))
-    # A cross-entropy over each view's negatives: positive even for two identical views.
-    assert hierarchical_contrastive_loss(z, z).item() > 0
+
+
+def test_contrastive_loss_closed_forms():
+    """InfoNCE per pyramid level, averaged over levels (T = 6, 3, then 1 after max-pooling)."""
+    batch, steps = 4, 6
+    # All-zero embeddings: every similarity is 0, so each item's positive has probability 1 / (2n - 1)
+    # among its 2n - 1 candidates: n = 4 windows (instance) and n = T time steps (temporal), the last
+    # level (T = 1) instance only, with weight alpha = 0.5 each.
+    zero = torch.zeros(batch, steps, 8)
+    per_level = [0.5 * math.log(7) + 0.5 * math.log(11), 0.5 * math.log(7) + 0.5 * math.log(5), 0.5 * math.log(7)]
+    assert hierarchical_contrastive_loss(zero, zero).item() == pytest.approx(np.mean(per_level), rel=1e-6)
+    # Identical views with orthogonal, large embeddings per (window, step): each positive wins outright.
+    separated = 5 * torch.eye(batch * steps).reshape(batch, steps, batch * steps)
+    assert hierarchical_contrastive_loss(separated, separated).item() < 1e-6
+    # Views whose windows are swapped: each positive is orthogonal while a negative matches, worse than chance.
+    swapped = hierarchical_contrastive_loss(separated, separated.roll(1, dims=0)).item()
+    assert swapped > np.mean(per_level) + 10
 
 
 def test_wide_dilation_applies_only_the_centre_tap():

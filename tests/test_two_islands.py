@@ -1,7 +1,9 @@
 """A fit submitted with the real `ray job submit` command line to a real two-node Ray cluster on
 this machine (island "a" on the head, island "b" on a worker with its own temp dir), checked from
 MLflow: one parent run, three child runs, each expert on a node of its own island. Then
-`archipelago submit` of the same settings finds the job and starts nothing new.
+`archipelago submit` of the same settings finds the job and starts nothing new. And a fit
+submitted by `archipelago submit --wait` itself: the job succeeds and leaves an assembled ensemble
+that samples.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from ray.job_submission import JobSubmissionClient
 from ray.util.state import list_nodes
 
+from archipelago.platform import sdk
 from archipelago.platform.cli import main
 from archipelago.platform.jobs import DEFAULT_EXCLUDES, wait_job
+from archipelago.platform.status import run_status
 from archipelago.platform.tracking import PARENT_TAG, TRACKING_ENV
 from tests.cluster import RAY_CLI
 
@@ -113,3 +118,28 @@ def test_a_submitted_fit_trains_each_expert_on_its_island(tmp_path: Path, capsys
     for k, island in enumerate(("a", "b")):
         tags = children[f"expert-{k}"]
         assert tags["island"] == island and tags["node"] in islands[island], (tags, islands)
+
+
+@pytest.mark.cluster
+def test_archipelago_submit_wait_runs_a_fit_to_an_assembled_ensemble(tmp_path: Path, capsys, two_nodes) -> None:
+    settings, uri = settings_file(tmp_path), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    submit = ["submit", str(settings), "--address", two_nodes.dashboard_url, "--tracking-uri", uri]
+    submit += ["--working-dir", str(ROOT), "--set", "expert.steps=10"]
+    assert main([*submit, "--dry-run"]) == 0
+    plan = capsys.readouterr().out.split("# plan\n")[1]
+    submission_id = next(line.split(": ", 1)[1] for line in plan.splitlines() if line.startswith("submission id: "))
+
+    code = main([*submit, "--wait", "--timeout", str(JOB_TIMEOUT_S)])
+    logs = JobSubmissionClient(two_nodes.dashboard_url).get_job_logs(submission_id)[-6000:]
+    assert code == 0, logs
+    assert capsys.readouterr().out.splitlines() == [submission_id, f"job {submission_id}: SUCCEEDED"]
+
+    run_dir = tmp_path / "run"
+    ensemble = json.loads((run_dir / "ensemble.json").read_text())
+    assert ensemble["experts"] == [["experts", f"expert-{k}", "step-00000010"] for k in range(2)]
+    status = run_status(str(run_dir))
+    assert [(e["island"], e["step"], e["state"]) for e in status["experts"]] == [("a", 10, "done"), ("b", 10, "done")]
+    assert status["router"] == {"step": 4, "steps": 4, "state": "done"} and status["assembled"] is True
+    out = sdk.load(str(run_dir)).sample(4, strategy="top1", solver="euler", steps=2, seed=0)
+    assert out.items.shape == (4, 8, 5) and np.isfinite(out.items).all()
+    assert out.expert_calls_per_sample == 2

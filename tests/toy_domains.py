@@ -24,12 +24,14 @@ def _mlp(inputs: int, outputs: int, width: int = 64) -> nn.Sequential:
 
 
 class VectorNet(nn.Module):
-    def __init__(self, dim: int, outputs: int, key: str | None = "x"):
+    """An MLP on (x_t[field], t): outputs under `key`, or router logits when `key` is None."""
+
+    def __init__(self, dim: int, outputs: int, key: str | None = "x", field: str = "x"):
         super().__init__()
-        self.mlp, self.key = _mlp(dim + 1, outputs), key
+        self.mlp, self.key, self.field = _mlp(dim + 1, outputs), key, field
 
     def forward(self, x_t, t):
-        out = self.mlp(torch.cat([x_t["x"], t[:, None]], dim=1))
+        out = self.mlp(torch.cat([x_t[self.field], t[:, None]], dim=1))
         return {self.key: out} if self.key else out
 
 
@@ -43,7 +45,7 @@ class VectorDomain(Domain):
     def fields(self):
         return {"x": FieldSpec(GaussianPath())}
 
-    def ingest(self, source):
+    def ingest(self, source, fit=True):
         return pa.table({"x": pa.array(np.asarray(source, dtype=np.float32).tolist())})
 
     def samples(self, table):
@@ -112,7 +114,7 @@ class PointSetDomain(Domain):
         return {"label": FieldSpec(MaskedPath(self.categories), index="batch"),
                 "pos": FieldSpec(TorusPath(), index="batch")}
 
-    def ingest(self, source):
+    def ingest(self, source, fit=True):
         return pa.table({"pos": [p.tolist() for p, _ in source], "label": [lab.tolist() for _, lab in source]})
 
     def samples(self, table):

@@ -5,7 +5,8 @@
   a categorical condition (`family`: chain or ring) and a continuous one (`density`, the fraction of
   pairs bonded); per-partition statistics (nodes per graph) that templates draw sizes from; node
   types can be given (as atom types are in crystal structure prediction).
-- `LatentVectorDomain`: vectors in R^4 near a plane, diffused as 2-d latents of a linear codec.
+- `LatentVectorDomain`: vectors in R^4 near a plane (a `VectorDomain`), diffused as 2-d latents of a
+  linear codec.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from torch import nn
 
 from archipelago.experts.batch import FieldSpec, Layout
 from archipelago.experts.conditions import Condition
-from archipelago.experts.data import DenseSamples, LevelSamples
+from archipelago.experts.data import LevelSamples
 from archipelago.experts.domain import Domain
 from archipelago.experts.paths import GaussianPath, MaskedPath
+from tests.toy_domains import VectorDomain, VectorNet
 
 NODE_TYPES, EDGE_TYPES = 2, 2  # node types a/b; edge types none/bond
 FAMILIES = ("chain", "ring")
@@ -127,6 +129,9 @@ class ToyGraphDomain(Domain):
 
     def template(self, n, generator=None, statistics=None, given=None):
         if given and "node_type" in given:
+            lists = given["node_type"]
+            if len(lists) != n or not all(isinstance(types, (list, tuple)) for types in lists):
+                raise ValueError(f"given field 'node_type' needs one list of node types per graph ({n} graphs)")
             sizes = torch.tensor([len(types) for types in given["node_type"]])
         else:
             counts = torch.tensor((statistics or {}).get("nodes") or [0, 0, 0, 1], dtype=torch.float64)
@@ -172,13 +177,13 @@ class ToyGraphDomain(Domain):
 
 
 class LinearCodec(nn.Module):
-    """x [B, 4] <-> z [B, 2]: a linear autoencoder (a learned PCA) trained on reconstruction error."""
+    """x [B, dim] <-> z [B, 2]: a linear autoencoder (a learned PCA) trained on reconstruction error."""
 
     inputs = ("x",)
 
-    def __init__(self):
+    def __init__(self, dim: int = 4):
         super().__init__()
-        self.down, self.up = nn.Linear(4, 2), nn.Linear(2, 4)
+        self.down, self.up = nn.Linear(dim, 2), nn.Linear(2, dim)
 
     def encode(self, batch):
         return {"z": self.down(batch["x"])}
@@ -190,57 +195,29 @@ class LinearCodec(nn.Module):
         return ((self.decode(self.encode(batch))["x"] - batch["x"]) ** 2).mean()
 
 
-class LatentVectorDomain(Domain):
+class LatentVectorDomain(VectorDomain):
+    """Records, features, decoding and metrics of `VectorDomain` in R^dim; the diffused field is z."""
+
     name = "latentvectors"
+
+    def __init__(self, dim: int = 4):
+        super().__init__(dim)
 
     @property
     def fields(self):
         return {"z": FieldSpec(GaussianPath())}
 
-    def ingest(self, source, fit=True):
-        return pa.table({"x": pa.array(np.asarray(source, dtype=np.float32).tolist())})
-
-    def samples(self, table):
-        return DenseSamples({"x": torch.tensor(np.array(table["x"].to_pylist(), dtype=np.float32))})
-
-    def features(self, table):
-        return np.array(table["x"].to_pylist())
-
     def denoiser_network(self):
-        return _VectorNet(2, 2, "z")
+        return VectorNet(2, 2, key="z", field="z")
 
     def router_network(self, num_experts):
-        return _VectorNet(2, num_experts, None)
+        return VectorNet(2, num_experts, key=None, field="z")
 
     def codec_network(self):
-        return LinearCodec()
+        return LinearCodec(self.dim)
 
     def template(self, n, generator=None, statistics=None, given=None):
         return {"z": torch.zeros(n, 2)}
-
-    def decode(self, batch):
-        return batch["x"].numpy()
-
-    def evaluate(self, real, generated, **options):
-        return {"mean_error": float(np.abs(self.features(real).mean(0) - generated["x"].numpy().mean(0)).max())}
-
-    def to_config(self):
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-
-class _VectorNet(nn.Module):
-    def __init__(self, dim: int, outputs: int, key: str | None):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim + 1, 32), nn.SiLU(), nn.Linear(32, outputs))
-        self.key = key
-
-    def forward(self, x_t, t):
-        out = self.mlp(torch.cat([x_t["z"], t[:, None]], 1))
-        return {self.key: out} if self.key else out
 
 
 def plane_vectors(count: int, seed: int = 0) -> np.ndarray:

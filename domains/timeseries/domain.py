@@ -12,6 +12,7 @@ generated Sines set (N windows, 10,000 by default; already in [0, 1], so the sca
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,13 @@ class TimeSeriesDomain(Domain):
     def template(self, n: int, generator: torch.Generator | None = None, statistics: dict | None = None,
                  given: dict | None = None) -> Batch:
         return {"x": torch.zeros(n, self.config.window, self.channels)}
+
+    def given_values(self, given: Mapping[str, Any], template: Batch) -> dict[str, torch.Tensor]:
+        """Forecasting and imputation: `x` given in the user's units, one window [L, C] for every
+        sample or [n, L, C], NaN where the window is free; scaled here like the records."""
+        scaled = {name: self.scaler.transform(np.asarray(value, dtype=np.float64)) if name == "x" else value
+                  for name, value in given.items()}
+        return super().given_values(scaled, template)
 
     def decode(self, batch: Batch) -> np.ndarray:
         """Generated windows [n, L, C] in the user's original units."""
