@@ -90,8 +90,16 @@ def write_bytes(uri: str, data: bytes) -> None:
         stream.write(data)
 
 
+class DamagedFile(ValueError):
+    """A file that exists but cannot be read as what it should be (truncated, overwritten, garbage)."""
+
+
 def read_json(uri: str) -> Any:
-    return json.loads(read_bytes(uri).decode())
+    """The JSON value of a file; a damaged file is a DamagedFile naming it."""
+    try:
+        return json.loads(read_bytes(uri).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedFile(f"{uri} is damaged: not valid JSON ({error})") from error
 
 
 def write_json(uri: str, value: Any) -> None:

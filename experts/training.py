@@ -6,13 +6,22 @@ changes nothing already done), gradient-norm clipping and EMA weights. `run_trai
 itself, shared with the router's training. Resuming from the latest checkpoint restores weights,
 EMA, optimizer moments, generator states and the step, so N steps + resume + N steps give the same
 weights, bit for bit, as 2N steps in one go.
+
+Faults: a damaged latest checkpoint is skipped for the newest intact one (a warning names it); a
+non-finite loss or gradient stops training with `NonFiniteLoss` before the optimizer step, so the
+last checkpoint stays good; SIGINT (in the main thread) finishes the current step, writes a
+checkpoint and then raises KeyboardInterrupt. Older checkpoints are pruned to `keep_checkpoints`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from archipelago.experts.batch import Batch
-from archipelago.experts.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from archipelago.experts.checkpoint import latest_intact, prune_checkpoints, save_checkpoint
 from archipelago.experts.conditions import drop_conditions
 from archipelago.experts.conventions import Prediction
 from archipelago.experts.data import Samples, batch_ids
@@ -36,7 +45,7 @@ OnLog = Callable[[int, dict[str, float]], None]
 ProgressBar = Callable[..., Any]
 
 # Keys that may change between a checkpoint and its resumption; every other key must match.
-RESUMABLE_KEYS = frozenset({"steps", "checkpoint_every", "log_every", "progress"})
+RESUMABLE_KEYS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "progress"})
 
 
 class TrainConfig(BaseModel):
@@ -52,6 +61,7 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)  # max global gradient norm
     ema_decay: float = Field(0.999, ge=0, lt=1)  # EMA of weights, with the usual (1+n)/(10+n) warm-up
     checkpoint_every: int = Field(500, ge=1)  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = Field(3, ge=1)  # the newest step folders kept; older ones are deleted
     log_every: int = Field(50, ge=1)  # steps between logged metrics
     condition_dropout: float = Field(0.1, ge=0, le=1)  # chance each condition is dropped to null (guidance)
     seed: int = 0  # seeds the data order and the noise
@@ -71,6 +81,10 @@ class ExpertConfig(BaseModel):
 
 class CheckpointMismatch(ValueError):
     """A checkpoint exists but was made with another config or other data."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss or the gradient became NaN or infinite; the last checkpoint was kept as it was."""
 
 
 @dataclass(frozen=True)
@@ -155,50 +169,91 @@ def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: Tr
     fingerprint, blocks = samples.fingerprint(), samples.block_sizes()
     full_meta = {**meta, "config": config.model_dump(mode="json") | meta.get("config", {}),
                  "seed": config.seed, "data_fingerprint": fingerprint}
-    start = 0
-    if (latest := latest_checkpoint(folder)) is not None:
-        checkpoint = load_checkpoint(latest)
-        check_resumable(checkpoint.meta, full_meta["config"], fingerprint, latest)
+    start, uri = 0, None
+    if (checkpoint := latest_intact(folder)) is not None:
+        check_resumable(checkpoint.meta, full_meta["config"], fingerprint, checkpoint.uri)
         model.load_state_dict({k[6:]: v for k, v in checkpoint.model.items() if k.startswith("model.")})
         ema = {k[4:]: v.to(device) for k, v in checkpoint.model.items() if k.startswith("ema.")}
         _restore_state(optimizer, generators, checkpoint.state)
-        start = checkpoint.meta["step"]
-    resumed_from, last_loss, uri = start, float("nan"), latest
+        start, uri = checkpoint.meta["step"], checkpoint.uri
+    resumed_from, last_loss = start, float("nan")
     window_loss, window_steps, window_start, t0 = 0.0, 0, time.perf_counter(), time.perf_counter()
     bar = (progress_bar or tqdm)(range(start, config.steps), desc=description, disable=not config.progress,
                                  initial=start, total=config.steps)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config)
-        ids = batch_ids(blocks, step, config.batch_size, generators["data"], config.seed)
-        batch = {name: value.to(device) for name, value in samples.batch(ids).items()}
-        loss = loss_fn(model, batch, generators["noise"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        decay = _ema_decay_at(step, config)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                ema[name].lerp_(p.detach(), 1 - decay)
-        last_loss = loss.item()
-        window_loss, window_steps = window_loss + last_loss, window_steps + 1
-        done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
-            elapsed = time.perf_counter() - window_start
-            metrics = {"loss": window_loss / window_steps, "lr": _lr_at(step, config),
-                       "samples_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
-                       "wall_time": time.perf_counter() - t0}
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if on_log is not None:
-                on_log(done, metrics)
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            weights = {f"model.{k}": v for k, v in model.state_dict().items()}
-            weights.update({f"ema.{k}": v for k, v in ema.items()})
-            uri = save_checkpoint(folder, done, weights, _state_tensors(optimizer, generators), full_meta)
+
+    def save(done: int) -> str:
+        weights = {f"model.{k}": v for k, v in model.state_dict().items()}
+        weights.update({f"ema.{k}": v for k, v in ema.items()})
+        saved = save_checkpoint(folder, done, weights, _state_tensors(optimizer, generators), full_meta)
+        prune_checkpoints(folder, config.keep_checkpoints)
+        return saved
+
+    with _interrupt_at_step_boundary() as interrupted:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, config)
+            ids = batch_ids(blocks, step, config.batch_size, generators["data"], config.seed)
+            batch = {name: value.to(device) for name, value in samples.batch(ids).items()}
+            loss = loss_fn(model, batch, generators["noise"])
+            last_loss = loss.item()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+            _check_finite(last_loss, norm, f"{description}: at step {step + 1}", uri)
+            optimizer.step()
+            decay = _ema_decay_at(step, config)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    ema[name].lerp_(p.detach(), 1 - decay)
+            window_loss, window_steps = window_loss + last_loss, window_steps + 1
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = {"loss": window_loss / window_steps, "lr": _lr_at(step, config),
+                           "samples_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
+                           "wall_time": time.perf_counter() - t0}
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if on_log is not None:
+                    on_log(done, metrics)
+                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            if done % config.checkpoint_every == 0 or done == config.steps or interrupted.is_set():
+                uri = save(done)
+            if interrupted.is_set():
+                bar.close()
+                raise KeyboardInterrupt(f"{description}: interrupted; checkpoint {uri} holds step {done}")
     bar.close()
     return TrainResult(checkpoint=uri, steps=config.steps, resumed_from=resumed_from, final_loss=last_loss)
+
+
+def _check_finite(loss: float, norm: float, where: str, last_checkpoint: str | None) -> None:
+    """Stop before an optimizer step that would write NaN or infinite weights."""
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise NonFiniteLoss(f"{where} the loss is {loss} and the gradient norm {norm}; nothing was applied and the "
+                            f"last checkpoint ({last_checkpoint or 'none yet'}) is intact. Lower lr or check the "
+                            f"data for extreme values")
+
+
+@contextlib.contextmanager
+def _interrupt_at_step_boundary() -> Iterator[threading.Event]:
+    """Within the block, a first SIGINT only sets the event (the loop checkpoints and stops after
+    the current step); a second one interrupts at once. Outside the main thread (where signal
+    handlers cannot be set) the event is never set and SIGINT behaves as usual."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        if interrupted.is_set() or not callable(previous):
+            signal.default_int_handler(signum, frame)
+        interrupted.set()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def train_expert(config: ExpertConfig, domain: Domain, samples: Samples, folder: str,

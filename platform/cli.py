@@ -31,7 +31,7 @@ from archipelago.platform.islands import MissingIslandError, TaskFailedError, us
 from archipelago.platform.status import run_status, status_text
 
 PROG = "archipelago"
-RUNTIME_ERRORS = (OSError, ValueError, MissingIslandError, TaskFailedError)  # exit 1, one line
+RUNTIME_ERRORS = (OSError, ValueError, ArithmeticError, MissingIslandError, TaskFailedError)  # exit 1, one line
 
 
 def positive(text: str) -> int:

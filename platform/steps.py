@@ -37,7 +37,7 @@ import torch
 from archipelago.domains import domain_class, domain_reference
 from archipelago.experts import storage
 from archipelago.experts.batch import Batch
-from archipelago.experts.checkpoint import ema_weights, latest_checkpoint
+from archipelago.experts.checkpoint import DamagedCheckpoint, ema_weights, latest_checkpoint, load_checkpoint
 from archipelago.experts.codec import encode_samples, latent_samples, latents_to_table, load_codec, train_codec
 from archipelago.experts.data import Blocked, Samples, StreamedSamples
 from archipelago.experts.denoiser import Denoiser
@@ -311,6 +311,9 @@ def assemble(run_dir: str) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"experts {missing} of {run_dir} have no checkpoint: train them first")
     router = latest_checkpoint(router_dir(run_dir))
+    for what, uri in [*((f"expert {k}", uri) for k, uri in enumerate(experts)), ("the router", router)]:
+        if uri is not None:
+            _intact(what, uri, run_dir)
     summary = storage.read_json(storage.join(run_dir, PARTITION_FILE))
     ensemble = {
         "experts": [["experts", f"expert-{k}", storage.base_name(uri)] for k, uri in enumerate(experts)],
@@ -349,20 +352,31 @@ def load_ensemble(run_dir: str, device: str | torch.device = "cpu") -> LoadedEns
         raise FileNotFoundError(f"{run_dir} has no {ENSEMBLE_FILE}: the run is not assembled yet")
     saved, domain, config = storage.read_json(uri), load_domain(run_dir), load_config(run_dir)
     experts = []
-    for parts in saved["experts"]:
+    for k, parts in enumerate(saved["experts"]):
         net = domain.denoiser_network()
-        net.load_state_dict(ema_weights(storage.join(run_dir, *parts)))
+        net.load_state_dict(_intact(f"expert {k}", storage.join(run_dir, *parts), run_dir, ema=True))
         experts.append(Denoiser(net, domain.fields, config.prediction).to(device).eval())
     router = None
     if saved["router"] is not None:
         router = Router(domain.router_network(config.experts), domain.fields)
-        router.load_state_dict(ema_weights(storage.join(run_dir, *saved["router"])))
+        router.load_state_dict(_intact("the router", storage.join(run_dir, *saved["router"]), run_dir, ema=True))
         router = router.to(device).eval()
     decode = None
     if saved.get("codec"):
         decode = _decoder(domain, load_codec(domain, storage.join(run_dir, *saved["codec"]), device))
     return LoadedEnsemble(domain=domain, experts=experts, router=router, cluster_sizes=saved["cluster_sizes"],
                           statistics=saved["statistics"], decode=decode)
+
+
+def _intact(what: str, checkpoint: str, run_dir: str, ema: bool = False) -> Any:
+    """Verify a checkpoint (its EMA weights when `ema`); a damaged one is an error naming the file and
+    what to run: training again resumes from the newest intact checkpoint and rewrites this one."""
+    try:
+        return ema_weights(checkpoint) if ema else load_checkpoint(checkpoint, with_state=False)
+    except DamagedCheckpoint as error:
+        again = "train-router" if what == "the router" else f"train-expert --expert {what.split()[-1]}"
+        raise DamagedCheckpoint(f"{what}: {error}. Run `archipelago {again} --run-dir {run_dir}` (it resumes "
+                                f"from the newest intact checkpoint), then `archipelago assemble`") from error
 
 
 def _decoder(domain: Domain, codec: torch.nn.Module) -> Callable[[Batch], Batch]:

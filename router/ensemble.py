@@ -21,6 +21,9 @@ data set, so guided full-mixture sampling is exactly classifier-free guidance of
 guiding each expert before mixing would not be (the router's weights differ with and without c).
 At scale 1 the unconditional pass is skipped: the result is the plain conditional ensemble, exactly.
 A guided step costs two passes, like a guided monolith.
+
+An expert that returns NaN or infinite values (damaged or diverged weights) stops sampling with
+`NonFiniteOutput` naming it, so non-finite samples are never written.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class Ensemble(nn.Module):
                 continue
             sub, rows = select(x_t, self.layout, ids)
             out = expert(sub, t[ids])
+            _check_finite(out, k, t[ids])
             self.evaluations.expert += len(ids)
             for name, spec in self.fields.items():
                 w_rows = per_row(w[ids, k], sub, spec)
@@ -126,6 +130,17 @@ class Ensemble(nn.Module):
                     mixed[name] = contribution.new_zeros((rows_total, *out[name].shape[1:]))
                 mixed[name].index_add_(0, rows[name], contribution)
         return mixed
+
+
+class NonFiniteOutput(FloatingPointError):
+    """An expert returned NaN or infinite values: samples are never written from them."""
+
+
+def _check_finite(out: dict[str, Tensor], k: int, t: Tensor) -> None:
+    for name, value in out.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise NonFiniteOutput(f"expert {k} returned non-finite {name!r} at t = {float(t.max()):.3f}: its "
+                                  f"weights may be damaged (retrain it from its newest intact checkpoint)")
 
 
 def draw_assignment(router: Router, x_1: Batch, fields: Fields, generator: torch.Generator | None) -> Tensor:
