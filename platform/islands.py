@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray._private.authentication.authentication_token_setup import _enable_token_auth
 from ray.exceptions import RayError, RayTaskError
 from ray.experimental import tqdm_ray
 
@@ -79,7 +78,23 @@ class TaskSpec:
 def use_token_auth() -> None:
     """Default this process and its children to Ray token authentication (see module doc)."""
     if os.environ.get(AUTH_MODE_VAR) is None:
-        _enable_token_auth()  # sets RAY_AUTH_MODE=token and refreshes Ray's cached config
+        os.environ[AUTH_MODE_VAR] = "token"  # for every process started from here
+        _refresh_ray_config()
+
+
+def _refresh_ray_config() -> None:
+    """Make this process see RAY_AUTH_MODE changed after `import ray`.
+
+    Ray caches its settings (RayConfig) when it is imported and has no public API to re-read them;
+    its own private helper for enabling token auth re-initializes that cache, as this does. It is
+    the one private Ray call of the project; if a release drops it, children still inherit the
+    variable and only this process keeps its old setting.
+    """
+    try:
+        from ray._raylet import Config
+    except ImportError:
+        return
+    Config.initialize("")
 
 
 def connect(address: str | None, runtime_env: dict | None = None, *, num_cpus: int | None = None) -> None:
