@@ -311,9 +311,9 @@ def assemble(run_dir: str) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"experts {missing} of {run_dir} have no checkpoint: train them first")
     router = latest_checkpoint(router_dir(run_dir))
-    for what, uri in [*((f"expert {k}", uri) for k, uri in enumerate(experts)), ("the router", router)]:
+    for k, uri in [*enumerate(experts), (None, router)]:
         if uri is not None:
-            _intact(what, uri, run_dir)
+            _intact(uri, run_dir, k)
     summary = storage.read_json(storage.join(run_dir, PARTITION_FILE))
     ensemble = {
         "experts": [["experts", f"expert-{k}", storage.base_name(uri)] for k, uri in enumerate(experts)],
@@ -354,12 +354,12 @@ def load_ensemble(run_dir: str, device: str | torch.device = "cpu") -> LoadedEns
     experts = []
     for k, parts in enumerate(saved["experts"]):
         net = domain.denoiser_network()
-        net.load_state_dict(_intact(f"expert {k}", storage.join(run_dir, *parts), run_dir, ema=True))
+        net.load_state_dict(_intact(storage.join(run_dir, *parts), run_dir, k, ema=True))
         experts.append(Denoiser(net, domain.fields, config.prediction).to(device).eval())
     router = None
     if saved["router"] is not None:
         router = Router(domain.router_network(config.experts), domain.fields)
-        router.load_state_dict(_intact("the router", storage.join(run_dir, *saved["router"]), run_dir, ema=True))
+        router.load_state_dict(_intact(storage.join(run_dir, *saved["router"]), run_dir, None, ema=True))
         router = router.to(device).eval()
     decode = None
     if saved.get("codec"):
@@ -368,13 +368,14 @@ def load_ensemble(run_dir: str, device: str | torch.device = "cpu") -> LoadedEns
                           statistics=saved["statistics"], decode=decode)
 
 
-def _intact(what: str, checkpoint: str, run_dir: str, ema: bool = False) -> Any:
-    """Verify a checkpoint (its EMA weights when `ema`); a damaged one is an error naming the file and
-    what to run: training again resumes from the newest intact checkpoint and rewrites this one."""
+def _intact(checkpoint: str, run_dir: str, k: int | None, ema: bool = False) -> Any:
+    """Verify expert k's checkpoint (the router's when k is None; its EMA weights when `ema`); a
+    damaged one is an error naming the file and what to run: training again resumes from the
+    newest intact checkpoint and rewrites this one."""
     try:
         return ema_weights(checkpoint) if ema else load_checkpoint(checkpoint, with_state=False)
     except DamagedCheckpoint as error:
-        again = "train-router" if what == "the router" else f"train-expert --expert {what.split()[-1]}"
+        what, again = ("the router", "train-router") if k is None else (f"expert {k}", f"train-expert --expert {k}")
         raise DamagedCheckpoint(f"{what}: {error}. Run `archipelago {again} --run-dir {run_dir}` (it resumes "
                                 f"from the newest intact checkpoint), then `archipelago assemble`") from error
 

@@ -22,8 +22,9 @@ guiding each expert before mixing would not be (the router's weights differ with
 At scale 1 the unconditional pass is skipped: the result is the plain conditional ensemble, exactly.
 A guided step costs two passes, like a guided monolith.
 
-An expert that returns NaN or infinite values (damaged or diverged weights) stops sampling with
-`NonFiniteOutput` naming it, so non-finite samples are never written.
+An expert that returns NaN or infinite values (damaged or diverged weights) is noted on the device
+without a sync; `check_finite`, called once per integrated batch, raises `NonFiniteOutput` naming
+it, so non-finite samples are never written.
 """
 
 from __future__ import annotations
@@ -91,6 +92,23 @@ class Ensemble(nn.Module):
         self.top_k, self.assignment = top_k, assignment
         self.conditions, self.guidance = dict(conditions or {}), float(guidance)
         self.evaluations = Evaluations()
+        self._non_finite: dict[tuple[int, str], Tensor] = {}  # (expert, field) -> a flag on the device
+
+    def _note_non_finite(self, k: int, out: dict[str, Tensor]) -> None:
+        """Remember, without a device sync on this hot path, whether expert k returned NaN or inf."""
+        for name, value in out.items():
+            if value.is_floating_point():
+                flag, seen = ~torch.isfinite(value).all(), self._non_finite.get((k, name))
+                self._non_finite[k, name] = flag if seen is None else seen | flag
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteOutput naming each expert that returned NaN or infinite values since the
+        ensemble was built (one device sync; call it once a batch is integrated)."""
+        bad = sorted(f"expert {k} returned non-finite {name!r}" for (k, name), flag in self._non_finite.items()
+                     if bool(flag))
+        if bad:
+            raise NonFiniteOutput(f"{'; '.join(bad)}: its weights may be damaged or diverged (retrain it from its "
+                                  f"newest intact checkpoint); no samples were written")
 
     def weights(self, x_t: Batch, t: Tensor) -> Tensor:
         """w_k(x_t, t) for every sample and expert, [B, K]."""
@@ -120,7 +138,7 @@ class Ensemble(nn.Module):
                 continue
             sub, rows = select(x_t, self.layout, ids)
             out = expert(sub, t[ids])
-            _check_finite(out, k, t[ids])
+            self._note_non_finite(k, out)
             self.evaluations.expert += len(ids)
             for name, spec in self.fields.items():
                 w_rows = per_row(w[ids, k], sub, spec)
@@ -134,13 +152,6 @@ class Ensemble(nn.Module):
 
 class NonFiniteOutput(FloatingPointError):
     """An expert returned NaN or infinite values: samples are never written from them."""
-
-
-def _check_finite(out: dict[str, Tensor], k: int, t: Tensor) -> None:
-    for name, value in out.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise NonFiniteOutput(f"expert {k} returned non-finite {name!r} at t = {float(t.max()):.3f}: its "
-                                  f"weights may be damaged (retrain it from its newest intact checkpoint)")
 
 
 def draw_assignment(router: Router, x_1: Batch, fields: Fields, generator: torch.Generator | None) -> Tensor:

@@ -167,6 +167,7 @@ def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router
                             conditions=domain.conditions, guidance=request.guidance)
         out = integrate(ensemble, x_1, domain.fields, request.solver, request.steps, generator, request.progress,
                         given={name: Given(g.values.to(device), g.mask.to(device)) for name, g in given.items()})
+        ensemble.check_finite()
         parts.append({name: value.cpu() for name, value in (decode(out) if decode else out).items()})
         assignments.append(assignment)
         expert_calls += ensemble.evaluations.expert
