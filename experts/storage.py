@@ -127,7 +127,7 @@ def check_writable(uri: str) -> None:
     (empty ones only, so a folder another process wrote into meanwhile stays).
     """
     fs, path = resolve(uri)
-    created = _missing_folders(path) if isinstance(fs, pafs.LocalFileSystem) else []
+    created = missing_folders(path) if isinstance(fs, pafs.LocalFileSystem) else []
     probe = join(uri, f".write-probe-{uuid.uuid4().hex[:8]}")
     try:
         write_bytes(probe, b"")
@@ -140,7 +140,7 @@ def check_writable(uri: str) -> None:
                 os.rmdir(folder)
 
 
-def _missing_folders(path: str) -> list[str]:
+def missing_folders(path: str) -> list[str]:
     """`path` and its ancestors that do not exist yet, deepest first."""
     missing = []
     while not os.path.exists(path) and os.path.dirname(path) != path:

@@ -176,6 +176,9 @@ def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: Tr
         ema = {k[4:]: v.to(device) for k, v in checkpoint.model.items() if k.startswith("ema.")}
         _restore_state(optimizer, generators, checkpoint.state)
         start, uri = checkpoint.meta["step"], checkpoint.uri
+        if start > config.steps:
+            raise CheckpointMismatch(f"checkpoint {uri} is at step {start}, past steps={config.steps}: steps can "
+                                     f"only be raised on resume")
     resumed_from, last_loss = start, float("nan")
     window_loss, window_steps, window_start, t0 = 0.0, 0, time.perf_counter(), time.perf_counter()
     bar = (progress_bar or tqdm)(range(start, config.steps), desc=description, disable=not config.progress,

@@ -22,16 +22,18 @@ a failed task, a job that did not succeed). `archipelago --debug ...` raises wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
+from archipelago.experts.lease import LeaseHeld
 from archipelago.platform import cli_config, jobs, runner, sample_files, sdk, steps, tasks, tracking
 from archipelago.platform.cli_config import ConfigError, Settings
 from archipelago.platform.islands import MissingIslandError, TaskFailedError, use_token_auth
 from archipelago.platform.status import run_status, status_text
 
 PROG = "archipelago"
-RUNTIME_ERRORS = (OSError, ValueError, ArithmeticError, MissingIslandError, TaskFailedError)  # exit 1, one line
+RUNTIME_ERRORS = (OSError, ValueError, ArithmeticError, MissingIslandError, TaskFailedError, LeaseHeld)  # exit 1
 
 
 def positive(text: str) -> int:
@@ -56,6 +58,8 @@ def fit(args: argparse.Namespace) -> int:
     s = cli_config.settings_from_args(args, absolute=True)
     if args.dry_run:
         return _print_plan(s)
+    if args.wait:
+        s = dataclasses.replace(s, launch=dataclasses.replace(s.launch, wait=True))
     result = runner.fit(s.config, s.run_dir, domain=s.domain, launch=s.launch)
     for task in result.tasks:
         print(
@@ -81,10 +85,13 @@ def partition(args: argparse.Namespace) -> int:
             print(cli_config.to_yaml(s), end="")
         print(f"# plan\ncheck, ingest and partition into {run_dir}" if s else f"# plan\npartition {run_dir}")
         return 0
-    if s:
-        runner.prepare(s.config, s.run_dir, runner.Launch(ray=False, track=False), domain=s.domain)
-    summary = steps.partition(run_dir)
-    steps.encode(run_dir)
+    with steps.run_lease(run_dir, "archipelago partition", args.wait):
+        if s:
+            runner.prepare(s.config, s.run_dir, runner.Launch(ray=False, track=False), domain=s.domain)
+        summary = steps.partition(run_dir)
+        steps.encode(run_dir)
+    for k in summary.get("rebuilt", []):
+        print(f"rebuilt the missing partition data/expert={k} of {run_dir} from its records")
     print(f"partitioned {run_dir}: cluster sizes {summary['sizes']}")
     return 0
 
@@ -96,7 +103,7 @@ def train_expert(args: argparse.Namespace) -> int:
     folder = steps.expert_dir(args.run_dir, args.expert)
     if args.dry_run:
         return _print_step_plan(args, f"train expert {args.expert} for {config.expert.steps} steps into {folder}")
-    _print_report(tasks.train_expert_task(args.run_dir, args.expert, _target(args)))
+    _print_report(tasks.train_expert_task(args.run_dir, args.expert, _target(args), wait=args.wait))
     return 0
 
 
@@ -105,7 +112,7 @@ def train_router(args: argparse.Namespace) -> int:
     folder = steps.router_dir(args.run_dir)
     if args.dry_run:
         return _print_step_plan(args, f"train the router for {config.router.steps} steps into {folder}")
-    _print_report(tasks.train_router_task(args.run_dir, _target(args)))
+    _print_report(tasks.train_router_task(args.run_dir, _target(args), wait=args.wait))
     return 0
 
 
@@ -114,7 +121,8 @@ def assemble(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _print_step_plan(args, f"write {steps.ENSEMBLE_FILE} in {args.run_dir} from the latest checkpoints")
     target = _target(args)
-    steps.assemble(args.run_dir)
+    with steps.run_lease(args.run_dir, "archipelago assemble", args.wait):
+        steps.assemble(args.run_dir)
     print(f"assembled {args.run_dir}")
     if target:
         print(f"model: {tracking.log_ensemble_model(target.uri, target.parent_id, args.run_dir, args.register)}")
@@ -129,6 +137,7 @@ def sample(args: argparse.Namespace) -> int:
     request = cli_config.request_from_args(args)
     run = sdk.load(args.run_dir)
     request = run.request(request)  # checked against the run before any sampling work
+    sample_files.check_target(args.out, run.domain)
     if args.dry_run:
         print(f"# plan\nsample from {args.run_dir} with {request.model_dump_json(exclude={'given'})}; write {args.out}")
         return 0
@@ -151,7 +160,9 @@ def evaluate(args: argparse.Namespace) -> int:
         )
         return 0
     generated = sample_files.read(args.samples, run.domain)
-    scores = run.evaluate(generated, real=args.real, metrics=args.metrics, repeats=args.repeats, seed=args.seed)
+    scores = run.evaluate(
+        generated, real=args.real, metrics=args.metrics, repeats=args.repeats, seed=args.seed, progress=args.progress
+    )
     print(sample_files.score_table(scores, as_json=args.json))
     return 0
 
@@ -242,6 +253,9 @@ def _run_flags(p: argparse.ArgumentParser, tracked: bool = True) -> None:
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
 
 
+WRITERS = (fit, partition, train_expert, train_router, assemble)  # the commands that take a lease
+
+
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Decentralized diffusion models: K experts on K islands, one router.")
     parser.add_argument("--debug", action="store_true", help="raise errors with their traceback")
@@ -252,6 +266,9 @@ def build_parser() -> Parser:
     def command(handler, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(handler.__name__.replace("_", "-"), parents=[dry], help=help, description=help)
         p.set_defaults(handler=handler)
+        if handler in WRITERS:
+            p.add_argument("--wait", action="store_true",
+                           help="wait while another writer holds the run directory (default: fail naming it)")
         return p
 
     cli_config.settings_flags(command(fit, "Run (or resume) a whole fit: partition, experts and router, assemble."))
@@ -280,6 +297,8 @@ def build_parser() -> Parser:
     p.add_argument("--repeats", type=positive, default=5, help="repeats behind the interval (default 5)")
     p.add_argument("--seed", type=int, default=0, help="metrics seed (default 0)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a progress bar on stderr over each metric's repeats (default: on)")
 
     p = command(status, "Progress of each expert and the router, read from storage.")
     _run_flags(p, tracked=False)

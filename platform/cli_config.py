@@ -11,7 +11,8 @@ Precedence: the file, then each `--set dotted.key=value` in order (applied with 
 read as YAML scalars or flow collections, numbers in the key index into lists: `--set
 expert.steps=200`, `--set placement.0.island=a`, `--set 'placement=[{island: a}]'`), then the named
 flags (`--run-dir`, `--experts`, `--device`, ...). Every mistake raises ConfigError with one line
-naming the file and the key.
+naming the key and where its value came from: the last `--set` or flag that wrote it (`--set
+expert.steps: ...`, `--experts: ...`), else the file (`run.yaml: expert.steps: ...`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ from archipelago.router.sampling import SampleRequest
 
 RUN_DIR = "run_dir"
 LAUNCH_KEYS = tuple(f.name for f in dataclasses.fields(Launch))
+SET_FLAG = "--set"
+# Settings keys whose flag is not `--<key with dashes>`.
+_FLAG_NAMES = {"island_wait_s": "--island-wait", "ray": "--in-process", "track": "--no-tracking"}
 
 
 class ConfigError(ValueError):
@@ -107,7 +111,8 @@ def apply_sets(raw: dict[str, Any], assignments: Sequence[str]) -> dict[str, Any
 def resolve(
     path: str | None, overrides: Mapping[str, Any], sets: Sequence[str] = (), inline: str | None = None
 ) -> Settings:
-    """Settings from a config file (or `inline` JSON/YAML text), `--set` overrides, then flags."""
+    """Settings from a config file (or `inline` JSON/YAML text), `--set` overrides, then flags
+    (`overrides`, by settings key; None: not given)."""
     source = path or ("--config-json" if inline is not None else "command line")
     if inline is not None:
         raw = parse_mapping(inline, source)
@@ -116,7 +121,10 @@ def resolve(
     else:
         raw = {}
     raw = apply_sets(raw, sets)
-    raw.update({key: value for key, value in overrides.items() if value is not None})
+    flags = {key: value for key, value in overrides.items() if value is not None}
+    raw.update(flags)
+    writes = [(assignment.partition("=")[0], SET_FLAG) for assignment in sets]
+    where = origin_namer(source, writes + [(key, _FLAG_NAMES.get(key, _flag(key))) for key in flags])
     run_dir = raw.pop(RUN_DIR, None)
     if not run_dir:
         raise ConfigError(f"{source}: no run_dir: set run_dir in the config file or pass --run-dir")
@@ -125,14 +133,46 @@ def resolve(
         config = RunConfig(**raw)
         launch = pydantic.TypeAdapter(Launch).validate_python(launch_raw)
     except pydantic.ValidationError as error:
-        raise ConfigError(f"{source}: {describe(error)}") from error
+        raise ConfigError(describe(error, key=where)) from error
     if config.data is None:
         raise ConfigError(f"{source}: no data: set data in the config file or pass --data (a path or sines:N)")
+    return Settings(config=config, run_dir=str(run_dir), launch=launch, domain=_domain(config, where))
+
+
+def origin_namer(source: str, writes: Sequence[tuple[str, str]]) -> Callable[[str], str]:
+    """How an error names a dotted settings key, for `describe(error, key=...)`: by the last of
+    `writes` (dotted key, flag; in the order applied) that wrote the key, a key above it or one below
+    it (`--experts`, `--set placement.0.gpus`), else by `source` (`run.yaml: expert.steps`)."""
+
+    def name(location: str) -> str:
+        for key, flag in reversed(writes):
+            if _overlaps(key, location):
+                return f"{flag} {location}" if flag == SET_FLAG else flag
+        return f"{source}: {location}"
+
+    return name
+
+
+def _overlaps(key: str, location: str) -> bool:
+    """Whether writing `key` set `location`, or made it (an unknown `expertz` from `expertz.steps`)."""
+    return key == location or location.startswith(f"{key}.") or key.startswith(f"{location}.")
+
+
+def _flag(key: str) -> str:
+    return f"--{key.replace('_', '-')}"
+
+
+def _domain(config: RunConfig, where: Callable[[str], str]) -> Domain:
+    """The validated domain; its errors name domain_config's keys (or `domain`) by their origin."""
     try:
-        domain = validate_domain(config)
+        return validate_domain(config)
     except ValueError as error:
-        raise ConfigError(f"{source}: {_one_line(str(error))}") from error
-    return Settings(config=config, run_dir=str(run_dir), launch=launch, domain=domain)
+        cause = error.__cause__  # validate_domain chains the domain's own error; an unknown domain has none
+        if isinstance(cause, pydantic.ValidationError):
+            named = describe(cause, key=lambda location: where(f"domain_config.{location}"))
+            raise ConfigError(f"{named}, in the domain_config of domain {config.domain!r}") from error
+        key = "domain_config" if isinstance(cause, ValueError) else "domain"
+        raise ConfigError(f"{where(key)}: {_one_line(str(error))}") from error
 
 
 def settings_flags(p: argparse.ArgumentParser, ray: bool = True, launch: bool = True) -> None:

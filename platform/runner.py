@@ -42,6 +42,7 @@ class Launch:
     register: str | None = None  # register the ensemble model under this name
     island_wait_s: float = 60.0  # how long work waits for a node on its island
     max_retries: int = 3  # retries of a task whose worker died
+    wait: bool = False  # wait while another writer holds the run directory's lease (else fail at once)
 
 
 @dataclass(frozen=True)
@@ -99,14 +100,22 @@ def prepare(config: RunConfig, run_dir: str, launch: Launch, source: Any = None,
     into the run directory (see `steps.prepare`, `steps.partition` and `steps.encode`). Returns the
     run directory, made absolute when it is a local path, because Ray workers and job nodes resolve
     relative paths in their own cwd."""
-    run_dir = os.fspath(run_dir)
-    if "://" not in run_dir:
-        run_dir = os.path.abspath(run_dir)
+    run_dir = _absolute(run_dir)
     domain = preflight(config, run_dir, launch, domain)
-    steps.prepare(config, run_dir, source=source, domain=domain)
+    with steps.run_lease(run_dir, "archipelago partition", launch.wait):
+        _prepare_steps(config, run_dir, source, domain)
+    return run_dir
+
+
+def _prepare_steps(config: RunConfig, run_dir: str, source: Any, domain: Domain) -> None:
+    steps.prepare(config, run_dir, source=source, domain=domain)  # checks the run directory again, now leased
     steps.partition(run_dir)
     steps.encode(run_dir)
-    return run_dir
+
+
+def _absolute(run_dir: str | os.PathLike) -> str:
+    run_dir = os.fspath(run_dir)
+    return run_dir if "://" in run_dir else os.path.abspath(run_dir)
 
 
 def _task_specs(config: RunConfig, run_dir: str, target: TrackingTarget | None, launch: Launch) -> list:
@@ -141,8 +150,15 @@ def _train(config: RunConfig, run_dir: str, target: TrackingTarget | None, launc
 
 def fit(config: RunConfig, run_dir: str, source: Any = None, domain: Domain | None = None,
         launch: Launch = Launch()) -> FitResult:
-    """Run (or resume) every step of a fit; see the module docstring."""
-    run_dir = prepare(config, run_dir, launch, source=source, domain=domain)
+    """Run (or resume) every step of a fit, holding the run directory's lease; see the module docstring."""
+    run_dir = _absolute(run_dir)
+    domain = preflight(config, run_dir, launch, domain)
+    with steps.run_lease(run_dir, "archipelago fit", launch.wait):
+        _prepare_steps(config, run_dir, source, domain)
+        return _fit(config, run_dir, launch)
+
+
+def _fit(config: RunConfig, run_dir: str, launch: Launch) -> FitResult:
     if not launch.track:
         results = _train(config, run_dir, None, launch)
         steps.assemble(run_dir)

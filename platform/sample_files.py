@@ -11,6 +11,8 @@ prints the scores of `evaluate`.
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -51,10 +53,32 @@ def check_suffix(path: str) -> None:
         raise ValueError(f"{path}: unknown file type {suffix!r}; choose one of {sorted(WRITERS)}")
 
 
-def write(path: str, samples: Samples, domain: Domain) -> None:
-    """Write samples as the file type of `path` says (see the module docstring)."""
+def check_target(path: str, domain: Domain) -> None:
+    """Everything `write` needs, checked before any sampling: a known file type that the domain
+    writes, and a folder that exists and can be written (ValueError / OSError naming `path`)."""
     check_suffix(path)
-    WRITERS[Path(path).suffix.lower()](path, samples, domain)
+    if Path(path).suffix.lower() != ".npy" and getattr(domain, "decode_frames", None) is None:
+        raise ValueError(f"{path}: the {domain.name} domain does not decode to tables: write a .npy file")
+    folder = Path(path).resolve().parent
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path} is a directory: name a file")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"{path}: cannot write to the folder {folder}")
+
+
+def write(path: str, samples: Samples, domain: Domain) -> None:
+    """Write samples as the file type of `path` says (see the module docstring); a temporary file
+    renamed at the end, so a failed write leaves no half-written file and an older one intact."""
+    check_target(path, domain)
+    suffix = Path(path).suffix.lower()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        WRITERS[suffix](str(tmp), samples, domain)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read(path: str, domain: Domain) -> Samples:

@@ -72,7 +72,7 @@ class Run:
         """
         request = _as_request(n, settings)
         e = self._ensemble_on(check_device(request.device))
-        check_request(e.domain, request, e.router, e.cluster_sizes)
+        check_request(e.domain, request, e.router, e.cluster_sizes, len(e.experts))
         return request
 
     def sample(self, n: int | SampleRequest | None = None, **settings: Any) -> Samples:
@@ -94,16 +94,19 @@ class Run:
         """The records the run was fitted on."""
         return steps.read_records(self.run_dir)
 
-    def evaluate(self, generated: Samples, real: Any = None, **options: Any) -> dict[str, Any]:
+    def evaluate(self, generated: Samples, real: Any = None, progress: bool = True, **options: Any) -> dict[str, Any]:
         """The domain's metrics of generated samples against `real` (a source the domain can read,
-        scaled with this run's fitted state), or against the run's own records by default."""
+        scaled with this run's fitted state), or against the run's own records by default.
+        `progress`: a progress bar on stderr where the domain draws one (time series: one step per
+        metric and repeat); `options` go to the domain's `evaluate`."""
         table = self.records() if real is None else self.domain.ingest(real, fit=False)
-        return self.domain.evaluate(table, generated.batch, **options)
+        return self.domain.evaluate(table, generated.batch, progress=progress, **options)
 
 
 def fit(data: Any, run_dir: str, domain: str | Domain = "timeseries", experts: int = 4, *,
         expert: dict[str, Any] | None = None, router: dict[str, Any] | None = None,
-        ray: bool | str = False, tracking: bool | str = False, device: str | None = None, **settings: Any) -> Run:
+        ray: bool | str = False, tracking: bool | str = False, device: str | None = None, wait: bool = False,
+        **settings: Any) -> Run:
     """Fit K experts and a router on `data` and return the run.
 
     `data` is anything the domain reads (for time series: a CSV/Parquet path, a DataFrame, an
@@ -114,7 +117,8 @@ def fit(data: Any, run_dir: str, domain: str | Domain = "timeseries", experts: i
     logs to MLflow's default store, `tracking="<uri>"` to that server (why both default to off:
     `runner.Launch`). `device` is the torch device of every training (None: each TrainConfig's,
     by default CUDA when present); one that is not there is an error before anything is written.
-    Re-running with the same arguments resumes where it stopped.
+    Re-running with the same arguments resumes where it stopped. While another writer holds the run
+    directory, LeaseHeld names it; `wait=True` waits for it instead.
     """
     instance = domain if isinstance(domain, Domain) else None
     config = RunConfig(
@@ -125,7 +129,7 @@ def fit(data: Any, run_dir: str, domain: str | Domain = "timeseries", experts: i
     )
     config = on_device(config, device)
     launch = Launch(ray=bool(ray), address=ray if isinstance(ray, str) else None, track=bool(tracking),
-                    tracking_uri=tracking if isinstance(tracking, str) else None)
+                    tracking_uri=tracking if isinstance(tracking, str) else None, wait=wait)
     result = runner.fit(config, str(run_dir), source=data, domain=instance, launch=launch)
     return Run(result.run_dir)
 

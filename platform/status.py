@@ -1,4 +1,5 @@
-"""A run's progress, read from storage: partition sizes, each training's latest step, assembled or not.
+"""A run's progress, read from storage: partition sizes, each training's latest step, assembled or
+not, and who writes the run and each training now (their leases).
 
 Only complete checkpoints count (LATEST moves after their files), so this is safe while a fit
 writes the run directory from anywhere.
@@ -11,6 +12,7 @@ from typing import Any
 
 from archipelago.experts import storage
 from archipelago.experts.checkpoint import latest_checkpoint
+from archipelago.experts.lease import holder
 from archipelago.platform import steps
 
 
@@ -18,7 +20,12 @@ def _progress(folder: str, configured: int) -> dict[str, Any]:
     latest = latest_checkpoint(folder)
     step = storage.read_json(storage.join(latest, "meta.json"))["step"] if latest else None
     state = "not started" if step is None else "done" if step >= configured else "in progress"
-    return {"step": step, "steps": configured, "state": state}
+    return {"step": step, "steps": configured, "state": state, "writer": _writer(folder)}
+
+
+def _writer(folder: str) -> str | None:
+    lease = holder(folder)
+    return lease.describe() if lease else None
 
 
 def run_status(run_dir: str) -> dict[str, Any]:
@@ -39,6 +46,7 @@ def run_status(run_dir: str) -> dict[str, Any]:
         ],
         "router": _progress(steps.router_dir(run_dir), config.router.steps),
         "assembled": storage.exists(storage.join(run_dir, steps.ENSEMBLE_FILE)),
+        "writer": _writer(run_dir),
     }
 
 
@@ -57,5 +65,8 @@ def status_text(status: dict[str, Any], as_json: bool = False) -> str:
     lines += [
         f"partition: {'sizes ' + ', '.join(map(str, sizes)) if sizes else 'not yet'}",
         f"assembled: {'yes' if status['assembled'] else 'no'}",
+        f"writer: {status['writer'] or 'none'}",
+        *(f"  expert {e['expert']}: {e['writer']}" for e in status["experts"] if e["writer"]),
+        *([f"  router: {status['router']['writer']}"] if status["router"]["writer"] else []),
     ]
     return "\n".join(lines)

@@ -15,8 +15,10 @@
 
 The run directory is any storage URI (a local folder, s3://...). Because every step reads and
 writes only there, a step can run on another machine or cluster, be repeated, or be resumed:
-`prepare` refuses a directory that holds a different run, `partition` is skipped when done, and
-training resumes from the latest checkpoint.
+`prepare` refuses a directory that holds a different run (or the same run with fewer steps),
+`partition` is skipped when done (and rebuilds a partition whose files were deleted), and training
+resumes from the latest checkpoint. Writers hold leases (`archipelago.experts.lease`): the run's
+own (`run_lease`, taken by a fit, `partition` and `assemble`) and each training's on its folder.
 
 Experts, the router and the codec read their data shard by shard (`StreamedSamples`), or with
 `stream: false` all in memory in the same batches; ingesting and clustering still hold the records
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -42,6 +45,7 @@ from archipelago.experts.codec import encode_samples, latent_samples, latents_to
 from archipelago.experts.data import Blocked, Samples, StreamedSamples
 from archipelago.experts.denoiser import Denoiser
 from archipelago.experts.domain import Domain, Statistics
+from archipelago.experts.lease import LEASE_FILE, Lease
 from archipelago.experts.training import (
     ExpertConfig,
     OnLog,
@@ -51,7 +55,7 @@ from archipelago.experts.training import (
     pick_device,
     train_expert,
 )
-from archipelago.platform.config import RunConfig, identity_diff, validate_domain
+from archipelago.platform.config import TRAININGS, RunConfig, identity_diff, validate_domain
 from archipelago.router.partition import Partition, kmeans_partition
 from archipelago.router.sampling import Generated, SampleRequest, sample_ensemble
 from archipelago.router.training import Router, RouterConfig, train_router
@@ -129,15 +133,27 @@ def check_run_dir(config: RunConfig, run_dir: str) -> bool:
     """True when run_dir already holds this run; raise RunConflict when it holds another."""
     uri = storage.join(run_dir, RUN_FILE)
     if not storage.exists(uri):
-        if storage.list_dir(run_dir):
+        if [name for name in storage.list_dir(run_dir) if not name.startswith(LEASE_FILE)]:
             raise RunConflict(f"{run_dir} is not empty and holds no {RUN_FILE}: choose an empty or new directory")
         return False
-    differing = identity_diff(storage.read_json(uri)["config"], config.model_dump(mode="json"))
+    saved = storage.read_json(uri)["config"]
+    differing = identity_diff(saved, config.model_dump(mode="json"))
     if differing:
         raise RunConflict(
             f"{run_dir} already holds a different run (differs in {', '.join(differing)}); choose another run directory"
         )
+    _check_steps_not_lowered(saved, config, run_dir)
     return True
+
+
+def _check_steps_not_lowered(saved: dict[str, Any], config: RunConfig, run_dir: str) -> None:
+    """More steps train on from the last checkpoint; fewer would need weights the run no longer
+    has (they were trained past), so lowering a training's steps is a RunConflict."""
+    for name in TRAININGS:
+        before, now = saved.get(name, {}).get("steps"), getattr(config, name).steps
+        if before is not None and now < before:
+            raise RunConflict(f"{name}.steps={now} is lower than the {before} steps {run_dir} was run with: "
+                              f"steps can only be raised (training continues); start a new run directory for fewer")
 
 
 def prepare(config: RunConfig, run_dir: str, source: Any = None, domain: Domain | None = None) -> Domain:
@@ -189,13 +205,35 @@ def _write_partition(run_dir: str, config: RunConfig, domain: Domain, records: p
 
 
 def partition(run_dir: str) -> dict[str, Any]:
-    """The partition summary; clusters the records (and writes them by expert) if not done yet."""
+    """The partition summary; clusters the records (and writes them by expert) if not done yet.
+
+    When done, a partition whose shards are missing is rebuilt from the records (the clustering is
+    seeded, so it is the same) and listed under "rebuilt"; the other partitions are left as they are.
+    """
     done = storage.join(run_dir, PARTITION_FILE)
     if storage.exists(done):
-        return storage.read_json(done)
+        summary = storage.read_json(done)
+        missing = [k for k, sizes in enumerate(_shard_sizes(run_dir))
+                   if not all(storage.exists(_shard(_data_dir(run_dir, k), i)) for i in range(len(sizes)))]
+        if missing:
+            _rebuild_partitions(run_dir, summary, missing)
+        return {**summary, "rebuilt": missing}
     config, domain = load_config(run_dir), load_domain(run_dir)
     records = read_records(run_dir)
     return _write_partition(run_dir, config, domain, records, _cluster(config, domain, records))
+
+
+def _rebuild_partitions(run_dir: str, summary: dict[str, Any], missing: list[int]) -> None:
+    """Write data/expert=<k>/ again for the partitions `missing`, after checking that clustering the
+    records again gives the partition that partition.json describes."""
+    config, domain = load_config(run_dir), load_domain(run_dir)
+    records = read_records(run_dir)
+    clusters = _cluster(config, domain, records)
+    if clusters.sizes != summary["sizes"] or not np.allclose(clusters.centroids, summary["centroids"]):
+        raise RunConflict(f"cannot rebuild partitions {missing} of {run_dir}: clustering its records gives sizes "
+                          f"{clusters.sizes}, {PARTITION_FILE} says {summary['sizes']}; start a new run directory")
+    for k in missing:
+        _write_shards(_data_dir(run_dir, k), records.filter(pa.array(clusters.labels == k)), config.shard_rows)
 
 
 def encode(run_dir: str, on_log: OnLog | None = None) -> dict[str, Any] | None:
@@ -272,21 +310,35 @@ def check_expert(config: RunConfig, k: int) -> None:
         raise ValueError(f"expert {k} does not exist: the run has experts 0..{config.experts - 1}")
 
 
+def run_lease(run_dir: str, purpose: str, wait: bool | float = False) -> Lease:
+    """The lease of the whole run directory, held by whatever writes its run-level files (a fit,
+    `partition`, `assemble`); see `archipelago.experts.lease`."""
+    return Lease(run_dir, purpose, wait)
+
+
 def train_expert_step(run_dir: str, k: int, on_log: OnLog | None = None,
-                      progress_bar: ProgressBar | None = None) -> TrainResult:
-    """Train (or resume) expert k on its own partition."""
+                      progress_bar: ProgressBar | None = None, wait: bool | float = False) -> TrainResult:
+    """Train (or resume) expert k on its own partition, holding the lease of its folder (`wait` as
+    in `Lease`)."""
     config, domain = load_config(run_dir), load_domain(run_dir)
     check_expert(config, k)
     train = config.expert.model_copy(update={"seed": derive_seed(config.seed, "expert", k)})
     expert = ExpertConfig(partition=k, prediction=config.prediction, train=train)
     statistics = storage.read_json(storage.join(run_dir, PARTITION_FILE))["statistics"][k]
-    return train_expert(expert, domain, expert_samples(run_dir, k, domain), expert_dir(run_dir, k), on_log,
-                        statistics, progress_bar)
+    with Lease(expert_dir(run_dir, k), f"training expert {k}", wait):
+        return train_expert(expert, domain, expert_samples(run_dir, k, domain), expert_dir(run_dir, k), on_log,
+                            statistics, progress_bar)
 
 
-def train_router_step(run_dir: str, on_log: OnLog | None = None,
-                      progress_bar: ProgressBar | None = None) -> TrainResult:
-    """Train (or resume) the router on every partition's records with their cluster labels."""
+def train_router_step(run_dir: str, on_log: OnLog | None = None, progress_bar: ProgressBar | None = None,
+                      wait: bool | float = False) -> TrainResult:
+    """Train (or resume) the router on every partition's records with their cluster labels, holding
+    the lease of its folder."""
+    with Lease(router_dir(run_dir), "training the router", wait):
+        return _train_router(run_dir, on_log, progress_bar)
+
+
+def _train_router(run_dir: str, on_log: OnLog | None, progress_bar: ProgressBar | None) -> TrainResult:
     config, domain = load_config(run_dir), load_domain(run_dir)
     sizes = _shard_sizes(run_dir)
     uris = [uri for k in range(config.experts) for uri in _training_shards(run_dir, k, len(sizes[k]))]

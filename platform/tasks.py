@@ -18,6 +18,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from archipelago.experts.lease import default_ttl_s
 from archipelago.experts.training import ProgressBar, TrainResult
 from archipelago.platform import steps
 
@@ -65,19 +66,28 @@ def _tracked(name: str, target: TrackingTarget | None, tags: dict[str, Any], tra
 
 
 def train_expert_task(run_dir: str, k: int, target: TrackingTarget | None = None, *,
-                      in_ray_worker: bool = False) -> dict[str, Any]:
-    """Train (or resume) expert k, tracked as a child run."""
+                      in_ray_worker: bool = False, wait: bool | float | None = None) -> dict[str, Any]:
+    """Train (or resume) expert k, tracked as a child run; `wait` for its folder's lease as in `Lease`
+    (default: on Ray, long enough for a retried task to take over its dead first attempt's lease)."""
     steps.check_expert(steps.load_config(run_dir), k)
     summary = steps.partition(run_dir)
     tags = {"expert": k, "partition_size": summary["sizes"][k], "data_fingerprint": summary["data_fingerprint"]}
-    return _tracked(f"expert-{k}", target, tags, lambda on_log, bar: steps.train_expert_step(run_dir, k, on_log, bar),
-                    in_ray_worker)
+    wait = _retry_wait(in_ray_worker) if wait is None else wait
+    return _tracked(f"expert-{k}", target, tags,
+                    lambda on_log, bar: steps.train_expert_step(run_dir, k, on_log, bar, wait), in_ray_worker)
 
 
 def train_router_task(run_dir: str, target: TrackingTarget | None = None, *,
-                      in_ray_worker: bool = False) -> dict[str, Any]:
+                      in_ray_worker: bool = False, wait: bool | float | None = None) -> dict[str, Any]:
     """Train (or resume) the router, tracked as a child run."""
     summary = steps.partition(run_dir)
     tags = {"router": True, "partition_sizes": summary["sizes"], "data_fingerprint": summary["data_fingerprint"]}
-    return _tracked("router", target, tags, lambda on_log, bar: steps.train_router_step(run_dir, on_log, bar),
+    wait = _retry_wait(in_ray_worker) if wait is None else wait
+    return _tracked("router", target, tags, lambda on_log, bar: steps.train_router_step(run_dir, on_log, bar, wait),
                     in_ray_worker)
+
+
+def _retry_wait(in_ray_worker: bool) -> float | bool:
+    """How long a task waits for its folder's lease. On Ray a retried task may find the lease of
+    its first attempt, whose worker died on another node: it waits until that lease expires."""
+    return 2 * default_ttl_s() + 5 if in_ray_worker else False

@@ -60,6 +60,9 @@ MODEL_ARTIFACT = "run"  # the key of the run-directory copy in the model's artif
 # MLflow's limits (mlflow.utils.validation): longer values are refused.
 MAX_PARAM_VALUE, MAX_TAG_VALUE, MAX_KEY = 6000, 8000, 250
 CHECK_TIMEOUT_S = 5.0  # how long a tracking server may take to answer `check_tracking`
+# A cheap read that every MLflow tracking server answers with JSON (the Default experiment always exists).
+PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
+AUTH_STATUSES = (401, 403)  # an authenticating proxy in front of MLflow: MLflow's own auth settings decide
 
 
 # --- the tracking URI ----------------------------------------------------------------------------
@@ -82,9 +85,10 @@ def resolve_tracking_uri(uri: str | None) -> str:
 def check_tracking(uri: str) -> None:
     """Fail fast, before any training: an unreachable server or an unwritable SQLite folder.
 
-    http(s): ConnectionError naming the URI when no server answers within CHECK_TIMEOUT_S (any
-    HTTP answer, even an error status, shows that a server is there). SQLite: the database's folder
-    is created when missing, and PermissionError names it when it cannot be written.
+    http(s): one call of MLflow's REST API (`PROBE_PATH`) must answer within CHECK_TIMEOUT_S, with
+    JSON or with 401/403 (an authenticating proxy); ConnectionError names the URI when nothing
+    answers, or when what answers is not MLflow (an HTML page, a 404). SQLite: the database's
+    folder is created when missing, and PermissionError names it when it cannot be written.
     """
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
@@ -100,12 +104,13 @@ def _sqlite_path(uri: str) -> str | None:
 
 
 def _check_server(uri: str) -> None:
-    url = uri.rstrip("/") + "/health"
+    url = uri.rstrip("/") + PROBE_PATH
     try:
-        with urllib.request.urlopen(url, timeout=CHECK_TIMEOUT_S):
-            return
-    except urllib.error.HTTPError:
-        return  # the server answered (perhaps 401/403 behind a proxy): it is reachable
+        with urllib.request.urlopen(url, timeout=CHECK_TIMEOUT_S) as answer:
+            status, content_type = answer.status, answer.headers.get_content_type()
+    except urllib.error.HTTPError as error:  # an error status: a server is there, but which one?
+        status, content_type = error.code, error.headers.get_content_type()
+        error.close()
     except OSError as error:  # URLError, refused connections and timeouts
         reason = getattr(error, "reason", error)
         if isinstance(reason, ssl.SSLError):
@@ -114,6 +119,12 @@ def _check_server(uri: str) -> None:
             f"cannot reach the MLflow tracking server at {uri!r} ({reason}); start it with "
             f"`mlflow server --host <host> --port <port>` or pass another tracking URI"
         ) from error
+    # MLflow answers its API with JSON, errors included; the body is never shown (it may be a page).
+    if status not in AUTH_STATUSES and content_type != "application/json":
+        raise ConnectionError(
+            f"{uri!r} answered but is not an MLflow tracking server (GET {PROBE_PATH.split('?')[0]}: HTTP "
+            f"{status}, {content_type}); pass the URI of an `mlflow server`"
+        )
 
 
 def _check_sqlite_folder(uri: str, folder: Path) -> None:

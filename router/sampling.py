@@ -100,8 +100,14 @@ def oracle_assignment(n: int, cluster_sizes: Sequence[int], generator: torch.Gen
 
 
 def check_request(domain: Domain, request: SampleRequest, router: Router | None,
-                  cluster_sizes: Sequence[int] | None) -> None:
-    """Every check of a request against the run, before any sampling work; errors name the bad input."""
+                  cluster_sizes: Sequence[int] | None, num_experts: int | None = None) -> None:
+    """Every check of a request against the run, before any sampling work; errors name the bad input.
+
+    A `top_k` the user set above the number of experts is an error (the default 2 is capped at K).
+    """
+    if (request.strategy is Strategy.TOPK and "top_k" in request.model_fields_set and num_experts is not None
+            and request.top_k > num_experts):
+        raise ValueError(f"top_k {request.top_k} is more than the {num_experts} experts of the run")
     if request.guidance != 1 and not domain.conditions:
         raise ValueError(f"guidance {request.guidance} needs conditions; the {domain.name} domain has none")
     condition_batch(domain.conditions, request.conditions, request.n)
@@ -150,7 +156,7 @@ def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router
     `statistics` are the per-expert statistics (empty when the domain has none); `decode`, when
     given, maps generated latents back to the records' fields (the run's codec).
     """
-    check_request(domain, request, router, cluster_sizes)
+    check_request(domain, request, router, cluster_sizes, len(experts))
     device = check_device(request.device)
     generator = torch.Generator().manual_seed(request.seed)
     parts, assignments, expert_calls, router_calls = [], [], 0, 0

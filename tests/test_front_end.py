@@ -188,6 +188,19 @@ def test_mlflow_one_row_dataframe_request_is_checked_alike(graph_run, no_samplin
         mlflow_model(graph_run).predict(None, frame)
 
 
+@pytest.mark.parametrize(("which", "out", "names"), [
+    ("series", "missing/samples.npy", r"the folder .*missing does not exist"),
+    ("series", "folder.npy", r"folder.npy is a directory"),
+    ("graph", "samples.csv", r"does not decode to tables"),
+], ids=["missing-folder", "a-directory", "table-of-a-domain-without-tables"])
+def test_a_bad_out_path_is_refused_before_sampling(runs, no_sampling, tmp_path, monkeypatch, capsys, which, out,
+                                                   names):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder.npy").mkdir()
+    assert main(["sample", "--run-dir", runs[which].run_dir, "-n", str(N), "--out", out]) == 1
+    assert re.search(names, one_line_error(capsys))
+
+
 @pytest.mark.parametrize("which", ["graph", "series"])
 def test_good_requests_reach_the_sentinel_in_every_front_end(runs, no_sampling, mlflow_model, tmp_path, which):
     """The control: the sentinels sit on the sampling path, so the refusals above came before it."""

@@ -7,14 +7,21 @@ checks that the error names the bad input and that the run directory was not eve
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from archipelago.platform import runner
+from archipelago.platform import runner, tracking
+from archipelago.platform.cli import main
 from archipelago.platform.config import RunConfig
 from archipelago.platform.islands import MissingIslandError
 from archipelago.platform.runner import Launch
@@ -104,6 +111,83 @@ def test_unreachable_tracking_server(tmp_path: Path) -> None:
     with pytest.raises(ConnectionError, match=rf"cannot reach the MLflow tracking server at '{uri}'"):
         fit(tmp_path / "run", Launch(ray=False, tracking_uri=uri))
     assert_nothing_written(tmp_path / "run")
+
+
+class HtmlEverywhere(http.server.BaseHTTPRequestHandler):
+    """A web app that is not MLflow: every path answers with the same HTML page (or HTTP `status`)."""
+
+    status = 200
+
+    def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+        body = b"<!doctype html><html><body>" + b"SECRET-PAGE " * 200 + b"</body></html>"
+        self.send_response(self.status)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass  # keep the test output clean
+
+
+class BehindAuthProxy(HtmlEverywhere):
+    status = 401
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    """`python -m http.server`: files of a folder, an HTML 404 page for the rest."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve `handler` on a free local port in a thread; yields the server's URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture(params=["html page", "plain http.server"])
+def not_mlflow(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a live HTTP server that is not an MLflow tracking server."""
+    files = tmp_path / "served"
+    files.mkdir()
+    handler = HtmlEverywhere if request.param == "html page" else functools.partial(QuietFiles, directory=str(files))
+    with serve(handler) as url:
+        yield url
+
+
+def test_a_server_that_is_not_mlflow_is_refused_naming_it(not_mlflow: str) -> None:
+    refusal = rf"'{not_mlflow}' answered but is not an MLflow tracking server"
+    with pytest.raises(ConnectionError, match=refusal) as caught:
+        tracking.check_tracking(not_mlflow)
+    message = str(caught.value)
+    assert "text/html" in message and "SECRET" not in message and "\n" not in message
+
+
+def test_an_authenticating_proxy_is_accepted() -> None:
+    """401/403 means a proxy asks for credentials: MLflow's own auth settings decide later."""
+    with serve(BehindAuthProxy) as url:
+        tracking.check_tracking(url)
+
+
+def test_the_command_line_refuses_a_server_that_is_not_mlflow(not_mlflow: str, tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    settings = tmp_path / "run.yaml"
+    settings.write_text(yaml.safe_dump(BASE | {"run_dir": str(run_dir)}))
+    assert main(["fit", str(settings), "--in-process", "--tracking-uri", not_mlflow]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0], lines
+    assert f"'{not_mlflow}' answered but is not an MLflow tracking server" in lines[0]
+    assert_nothing_written(run_dir)
 
 
 def test_run_directory_without_write_permission() -> None:

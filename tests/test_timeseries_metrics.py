@@ -167,3 +167,27 @@ def test_wide_dilation_applies_only_the_centre_tap():
     h = torch.randn(2, 8, 24, generator=torch.Generator().manual_seed(1))
     full = block.conv2(torch.nn.functional.gelu(block.conv1(torch.nn.functional.gelu(h)))) + h
     torch.testing.assert_close(block(h), full)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_evaluate_draws_one_bar_step_per_metric_and_repeat_on_stderr(data, capsys, progress):
+    """fdds on equal-sized sets is computed once yet still counts both its repeats."""
+    fast = {name: FAST[name] for name in ("correlational", "vds", "fdds")}
+    evaluate(data["real"], data["same"], list(fast), repeats=2, progress=progress, **fast)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    if progress:
+        assert "evaluate" in captured.err and "6/6" in captured.err, captured.err
+    else:
+        assert captured.err == ""
+
+
+def test_the_bar_is_on_by_default_in_the_domain_and_the_command_line(data, capsys):
+    from archipelago.domains.timeseries.domain import TimeSeriesDomain
+    from archipelago.platform.cli import build_parser
+
+    TimeSeriesDomain.evaluate_windows(data["real"], data["same"], metrics=["correlational"], repeats=2)
+    assert "2/2" in capsys.readouterr().err
+    evaluate_args = ["evaluate", "--run-dir", "run", "--samples", "s.npy"]
+    assert build_parser().parse_args(evaluate_args).progress is True
+    assert build_parser().parse_args([*evaluate_args, "--no-progress"]).progress is False

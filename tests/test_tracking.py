@@ -10,6 +10,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -185,6 +188,40 @@ def test_an_unreachable_tracking_server_fails_fast():
     uri = f"http://127.0.0.1:{port}"
     with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
         tracking.check_tracking(uri)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path) -> Iterator[str]:
+    """A real `mlflow server` (SQLite backend, one worker) on a free port; stopped by its PID."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db"]
+    server = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"{uri}/health"):
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_a_real_mlflow_server_passes_the_check(mlflow_server):
+    tracking.check_tracking(mlflow_server)
+    tracking.check_tracking(mlflow_server + "/")  # a trailing slash is the same server
 
 
 def test_the_default_tracking_uri_is_mlflows_sqlite_file_made_absolute(tmp_path, monkeypatch):

@@ -139,7 +139,7 @@ def test_archipelago_submit_wait_runs_a_fit_to_an_assembled_ensemble(tmp_path: P
     assert ensemble["experts"] == [["experts", f"expert-{k}", "step-00000010"] for k in range(2)]
     status = run_status(str(run_dir))
     assert [(e["island"], e["step"], e["state"]) for e in status["experts"]] == [("a", 10, "done"), ("b", 10, "done")]
-    assert status["router"] == {"step": 4, "steps": 4, "state": "done"} and status["assembled"] is True
+    assert status["router"] == {"step": 4, "steps": 4, "state": "done", "writer": None} and status["assembled"] is True
     out = sdk.load(str(run_dir)).sample(4, strategy="top1", solver="euler", steps=2, seed=0)
     assert out.items.shape == (4, 8, 5) and np.isfinite(out.items).all()
     assert out.expert_calls_per_sample == 2

@@ -33,14 +33,19 @@ SHAPE_KEY = b"archipelago.window_shape"  # schema metadata: JSON [L, C]
 # --------------------------------------------------------------------------------------------------
 
 
-def read_frame(source: Source, columns: Sequence[str] | None = None) -> pd.DataFrame:
+def read_frame(source: Source, columns: Sequence[str] | None = None, only: bool = False) -> pd.DataFrame:
     """Read a series [T, C] from a .csv/.parquet path, a DataFrame or an array into float64 columns.
 
-    With `columns=None` every numeric column is kept and the skipped ones are logged; otherwise
-    exactly `columns`, in that order. Rows keep their order and get a fresh 0-based index.
+    With `columns=None` every numeric column is kept and the skipped text columns are logged;
+    otherwise exactly `columns`, in that order, matched by name (with `only`, another numeric
+    column is an error: data matched to a fitted run must have the run's channels and no more).
+    A column of numbers with a stray text cell is an error naming the cell. Rows keep their order
+    and get a fresh 0-based index.
     """
     frame, name = _load(source)
     chosen = _choose_columns(frame, columns, name)
+    if only and (extra := [c for c in _numeric_columns(frame, name) if c not in chosen]):
+        raise ValueError(f"{name}: columns {extra} are not among the run's columns {list(chosen)}")
     if len(frame) == 0:
         raise ValueError(f"{name}: no rows")
     out = pd.DataFrame({column: frame[column].to_numpy(dtype=np.float64) for column in chosen})
@@ -80,14 +85,28 @@ def _read_file(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, pa.ArrowException) as e:
+        return pd.read_csv(path, encoding=_text_encoding(path)) if suffix == ".csv" else pd.read_parquet(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: cannot parse as csv: it is not UTF-8 ({e.reason} at byte {e.start}); "
+                         f"save it as UTF-8") from e
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, pa.ArrowException) as e:
         raise ValueError(f"{path}: cannot parse as {suffix[1:]}: {e}") from e
+
+
+_BYTE_ORDER_MARKS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def _text_encoding(path: Path) -> str:
+    """UTF-8, unless the file starts with the byte-order mark of UTF-8 or UTF-16 (as spreadsheet
+    programs write them)."""
+    with open(path, "rb") as f:
+        start = f.read(3)
+    return next((encoding for mark, encoding in _BYTE_ORDER_MARKS if start.startswith(mark)), "utf-8")
 
 
 def _choose_columns(frame: pd.DataFrame, columns: Sequence[str] | None, name: str) -> list[str]:
     """The channel names: all numeric columns, or the requested ones after checks."""
-    numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
+    numeric = _numeric_columns(frame, name)
     if columns is None:
         skipped = [c for c in frame.columns if c not in numeric]
         if skipped:
@@ -100,12 +119,31 @@ def _choose_columns(frame: pd.DataFrame, columns: Sequence[str] | None, name: st
         raise ValueError(f"{name}: `columns` is empty")
     if len(set(columns)) != len(columns):
         raise ValueError(f"{name}: duplicate names in columns {columns}")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{name}: no column {missing[0]!r} (missing {missing}; has {list(frame.columns)})")
     for column in columns:
-        if column not in frame.columns:
-            raise ValueError(f"{name}: no column {column!r} (has {list(frame.columns)})")
         if column not in numeric:
             raise ValueError(f"{name}: column {column!r} is not numeric (dtype {frame[column].dtype})")
     return columns
+
+
+def _numeric_columns(frame: pd.DataFrame, name: str) -> list[str]:
+    """The numeric columns; a text column whose cells are mostly numbers is a column of numbers
+    with stray text cells, an error naming the first one (as a NaN cell is), not a column to skip."""
+    numeric = []
+    for column in frame.columns:
+        values = frame[column]
+        if pd.api.types.is_numeric_dtype(values):
+            numeric.append(column)
+            continue
+        parsed = pd.to_numeric(values, errors="coerce")
+        stray = parsed.isna() & values.notna()
+        if parsed.notna().sum() > stray.sum():
+            row = int(np.argmax(stray.to_numpy()))
+            raise ValueError(f"{name}: column {column!r} holds numbers but row {row} (0-based, header excluded) "
+                             f"is {values.iloc[row]!r}, not a number")
+    return numeric
 
 
 def _check_finite(frame: pd.DataFrame, name: str) -> None:

@@ -84,7 +84,7 @@ class TimeSeriesDomain(Domain):
     def ingest(self, source: Any, fit: bool = True) -> pa.Table:
         """Read, scale and window a user's series. fit=True fits the scaler on this data and keeps it
         in the config; fit=False scales with the scaler already fitted (held-out data)."""
-        raw, columns = self._raw(source)
+        raw, columns = self._raw(source, fit)
         if fit:
             scaler = self._identity(columns) if _is_sines(source) else data.MinMaxScaler.fit(raw, columns)
             self.config = self.config.model_copy(update={"scaler": scaler.to_dict()})
@@ -94,8 +94,10 @@ class TimeSeriesDomain(Domain):
         name = str(source) if isinstance(source, (str, Path)) else None
         return data.windows_to_table(data.sliding_windows(scaled, self.config.window, self.config.stride, name=name))
 
-    def _raw(self, source: Any) -> tuple[np.ndarray, list[str]]:
-        """The raw series [T, C] or windows [N, L, C] of a source, and its channel names."""
+    def _raw(self, source: Any, fit: bool = True) -> tuple[np.ndarray, list[str]]:
+        """The raw series [T, C] or windows [N, L, C] of a source, and its channel names. Data for a
+        fitted domain (`fit=False`) is matched to the scaler's columns by name: reordered columns
+        are fine, missing or extra ones are an error naming them."""
         if _is_sines(source):
             count = int(source.split(":", 1)[1]) if ":" in source else 10_000
             windows = data.sines(count, length=self.config.window)
@@ -105,9 +107,25 @@ class TimeSeriesDomain(Domain):
                 raise ValueError(f"windows have length {source.shape[1]}, the domain's window is {self.config.window}")
             if not np.isfinite(source).all():
                 raise ValueError("windows contain NaN or infinite values")
+            if not fit and source.shape[2] != self.channels:
+                raise ValueError(f"windows have {source.shape[2]} channels, the run has {self.channels} "
+                                 f"({list(self.scaler.columns)})")
             return source.astype(np.float64), self.config.columns or [f"c{i}" for i in range(source.shape[2])]
-        frame = data.read_frame(source, self.config.columns)
+        if fit:
+            frame = data.read_frame(source, self.config.columns)
+        elif isinstance(source, np.ndarray):  # no names: the run's columns in order
+            frame = data.read_frame(self._named(source))
+        else:
+            frame = data.read_frame(source, list(self.scaler.columns), only=True)
         return frame.to_numpy(), list(frame.columns)
+
+    def _named(self, series: np.ndarray) -> pd.DataFrame:
+        """A series [T, C] (or [T]) without column names as a frame with the run's columns."""
+        series = series.reshape(len(series), -1) if series.ndim == 1 else series
+        if series.ndim != 2 or series.shape[1] != self.channels:
+            raise ValueError(f"a series of shape {series.shape} does not have the run's {self.channels} channels "
+                             f"({list(self.scaler.columns)})")
+        return pd.DataFrame(series, columns=list(self.scaler.columns))
 
     @staticmethod
     def _identity(columns: list[str]) -> data.MinMaxScaler:

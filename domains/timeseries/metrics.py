@@ -5,11 +5,14 @@ and predictive scores (Yoon et al., NeurIPS 2019), all as computed by Diffusion-
 ICLR 2024); VDS and FDDS as defined by PaD-TS (Li et al., AAAI 2025). Inputs are numpy arrays
 [N, L, C] of windows min-max scaled to [0, 1]; lower is better for every score. Each repeat draws all
 its randomness from its own seed, derived from `seed`; no global random state is read or set.
+Each metric calls `on_repeat(n)` as repeats finish (a progress bar's `update`); `evaluate` can draw
+one tqdm bar on stderr over every (metric, repeat) of its run.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,10 +22,12 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from archipelago.domains.timeseries.ts2vec import embed, seeded, train_ts2vec
 
 RBF_BANDWIDTHS = (0.01, 0.05, 0.1, 0.2, 0.5, 0.7, 1.0, 1.5, 2.0)  # PaD-TS's kernel variances
+OnRepeat = Callable[[int], object]  # called with the number of repeats just finished
 
 
 @dataclass(frozen=True)
@@ -59,14 +64,28 @@ def _check(real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return real, fake
 
 
-def _repeat(once: Callable[[int], float], repeats: int, seed: int, deterministic: bool = False) -> Score:
-    """Score.of(once(s) for each repeat's seed s); a deterministic score is computed once."""
+def _repeat(
+    once: Callable[[int], float],
+    repeats: int,
+    seed: int,
+    deterministic: bool = False,
+    on_repeat: OnRepeat | None = None,
+) -> Score:
+    """Score.of(once(s) for each repeat's seed s); a deterministic score is computed once (and
+    reported to `on_repeat` as all its repeats at once)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(repeats)]
+    report = on_repeat or (lambda n: None)
     if deterministic:
-        return Score.of([once(seeds[0])] * repeats)
-    return Score.of([once(s) for s in seeds])
+        value = once(seeds[0])
+        report(repeats)
+        return Score.of([value] * repeats)
+    values = []
+    for s in seeds:
+        values.append(once(s))
+        report(1)
+    return Score.of(values)
 
 
 def _equal_counts(real: np.ndarray, fake: np.ndarray, rng: np.random.Generator):
@@ -92,6 +111,7 @@ def context_fid(
     repeats: int = 5,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    on_repeat: OnRepeat | None = None,
 ) -> Score:
     """Frechet distance between TS2Vec embeddings of equally many (seeded subsample of the larger set)
     real and generated windows; the encoder is trained afresh on all real windows in every repeat."""
@@ -103,7 +123,7 @@ def context_fid(
         codes = (embed(encoder, x).cpu().numpy() for x in (real_t, fake_t))  # [N, 320] each
         return frechet_distance(*_equal_counts(*codes, np.random.default_rng(s)))
 
-    return _repeat(once, repeats, seed)
+    return _repeat(once, repeats, seed, on_repeat=on_repeat)
 
 
 def _cross_correlation(x: np.ndarray) -> np.ndarray:
@@ -115,7 +135,9 @@ def _cross_correlation(x: np.ndarray) -> np.ndarray:
     return corr[np.tril_indices(x.shape[-1], k=-1)]
 
 
-def correlational(real: np.ndarray, fake: np.ndarray, *, repeats: int = 5, seed: int = 0) -> Score:
+def correlational(
+    real: np.ndarray, fake: np.ndarray, *, repeats: int = 5, seed: int = 0, on_repeat: OnRepeat | None = None
+) -> Score:
     """Sum over channel pairs of |corr_real - corr_fake| / 10 (0 for one channel). As Diffusion-TS,
     each repeat compares N_real // repeats windows drawn with replacement from each set, each batch
     standardized with its own per-channel mean and std."""
@@ -127,7 +149,7 @@ def correlational(real: np.ndarray, fake: np.ndarray, *, repeats: int = 5, seed:
         r, f = (x[rng.integers(len(x), size=size)] for x in (real, fake))
         return float(np.abs(_cross_correlation(r) - _cross_correlation(f)).sum() / 10)
 
-    return _repeat(once, repeats, seed)
+    return _repeat(once, repeats, seed, on_repeat=on_repeat)
 
 
 class PostHocGRU(nn.Module):
@@ -173,6 +195,7 @@ def discriminative(
     repeats: int = 5,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    on_repeat: OnRepeat | None = None,
 ) -> Score:
     """|accuracy - 0.5| of a GRU (hidden max(1, C // 2)) classifying real vs generated windows. Each
     set is split 80/20; every iteration takes a batch of each training part (summed cross-entropies of
@@ -197,7 +220,7 @@ def discriminative(
             correct = (net(real_test)[:, -1] > 0).sum() + (net(fake_test)[:, -1] <= 0).sum()
         return abs(correct.item() / (len(real_test) + len(fake_test)) - 0.5)
 
-    return _repeat(once, repeats, seed)
+    return _repeat(once, repeats, seed, on_repeat=on_repeat)
 
 
 def predictive(
@@ -209,6 +232,7 @@ def predictive(
     repeats: int = 5,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    on_repeat: OnRepeat | None = None,
 ) -> Score:
     """Train on synthetic, test on real: MAE on every real window of a GRU (hidden max(1, C // 2),
     sigmoid output, L1 loss) trained on generated windows to predict channel C-1 at step t + 1 from
@@ -234,7 +258,7 @@ def predictive(
         with torch.no_grad():
             return (predict(net, real_t) - real_t[:, 1:, -1]).abs().mean().item()
 
-    return _repeat(once, repeats, seed)
+    return _repeat(once, repeats, seed, on_repeat=on_repeat)
 
 
 def _mean_kernel(a: torch.Tensor, b: torch.Tensor, bandwidths: Sequence[float]) -> float:
@@ -270,6 +294,7 @@ def vds(
     repeats: int = 5,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    on_repeat: OnRepeat | None = None,
 ) -> Score:
     """Value distribution shift: per channel, MMD between real and generated values at `positions`
     random (window, step) positions, shared by both sets and drawn with replacement afresh per channel,
@@ -286,7 +311,7 @@ def vds(
             shifts.append(mmd(r[at, c], f[at, c], device=device))
         return float(np.mean(shifts))
 
-    return _repeat(once, repeats, seed)
+    return _repeat(once, repeats, seed, on_repeat=on_repeat)
 
 
 def _window_correlations(x: np.ndarray) -> np.ndarray:
@@ -309,6 +334,7 @@ def fdds(
     repeats: int = 5,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    on_repeat: OnRepeat | None = None,
 ) -> Score:
     """Feature dependency distribution shift: per channel pair, MMD between the real and generated
     distributions of the within-window correlation coefficient, averaged over pairs. Deterministic
@@ -321,7 +347,7 @@ def fdds(
         r, f = (_window_correlations(x) for x in _equal_counts(real, fake, np.random.default_rng(s)))
         return float(np.mean([mmd(r[:, p], f[:, p], device=device) for p in range(r.shape[1])]))
 
-    return _repeat(once, repeats, seed, deterministic=len(real) == len(fake))
+    return _repeat(once, repeats, seed, deterministic=len(real) == len(fake), on_repeat=on_repeat)
 
 
 METRICS: dict[str, Callable[..., Score]] = {
@@ -340,11 +366,14 @@ def evaluate(
     metrics: Sequence[str] | None = None,
     repeats: int = 5,
     seed: int = 0,
+    progress: bool = True,
     **overrides: object,
 ) -> dict[str, Score]:
     """Run the named metrics (default: all of METRICS) with the same repeats and seed. An override
     named after a metric is a dict of arguments for it alone (predictive={"iterations": 1000}); any
     other goes to every selected metric that takes it (device="cuda"); one that none takes is an error.
+    `progress`: a tqdm bar on stderr with one step per (metric, repeat); the defaults train
+    several networks per repeat and run for minutes.
     """
     names = list(METRICS) if metrics is None else list(metrics)
     unknown = [name for name in names if name not in METRICS]
@@ -359,4 +388,18 @@ def evaluate(
     unused |= set(shared) - {key for arguments in kwargs.values() for key in arguments}
     if unused:
         raise ValueError(f"no selected metric takes the overrides {sorted(unused)}")
-    return {name: METRICS[name](real, fake, repeats=repeats, seed=seed, **kwargs[name]) for name in names}
+    _check(real, fake)  # bad windows are an error before a bar is drawn
+    return _run(real, fake, kwargs, repeats, seed, progress)
+
+
+def _run(
+    real: np.ndarray, fake: np.ndarray, kwargs: dict[str, dict], repeats: int, seed: int, progress: bool
+) -> dict[str, Score]:
+    """Each metric with its arguments, under one progress bar (the metric's name as its postfix)."""
+    scores = {}
+    bar = tqdm(total=len(kwargs) * repeats, desc="evaluate", unit="repeat", disable=not progress, file=sys.stderr)
+    with bar:
+        for name, arguments in kwargs.items():
+            bar.set_postfix_str(name)
+            scores[name] = METRICS[name](real, fake, repeats=repeats, seed=seed, on_repeat=bar.update, **arguments)
+    return scores
