@@ -142,15 +142,17 @@ def _restore_state(optimizer: torch.optim.Optimizer, generators: dict[str, torch
     optimizer.load_state_dict(saved)
 
 
-def check_resumable(meta: dict[str, Any], config: dict[str, Any], fingerprint: str, uri: str) -> None:
-    """Raise CheckpointMismatch naming what differs between a checkpoint and this training."""
+def check_resumable(meta: dict[str, Any], config: dict[str, Any], fingerprint: str, uri: str,
+                    new_data: bool = False) -> None:
+    """Raise CheckpointMismatch naming what differs between a checkpoint and this training (with
+    `new_data`, other data is expected: the training continues on grown data)."""
     saved = meta.get("config", {})
     differing = sorted(k for k in set(saved) | set(config)
                        if k not in RESUMABLE_KEYS and saved.get(k) != config.get(k))
     if differing:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}" for k in differing)
         raise CheckpointMismatch(f"checkpoint {uri} was made with another config ({details})")
-    if meta.get("data_fingerprint") != fingerprint:
+    if meta.get("data_fingerprint") != fingerprint and not new_data:
         raise CheckpointMismatch(
             f"checkpoint {uri} was trained on data {meta.get('data_fingerprint')}, this data is {fingerprint}"
         )
@@ -158,8 +160,10 @@ def check_resumable(meta: dict[str, Any], config: dict[str, Any], fingerprint: s
 
 def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: TrainConfig, folder: str,
                  meta: dict[str, Any], on_log: OnLog | None = None, description: str = "train",
-                 progress_bar: ProgressBar | None = None) -> TrainResult:
-    """The training loop shared by experts and the router (see the module docstring)."""
+                 progress_bar: ProgressBar | None = None, new_data: bool = False) -> TrainResult:
+    """The training loop shared by experts and the router (see the module docstring). `new_data`:
+    the latest checkpoint was trained on other data (records were added to the partition), and
+    training continues from it on these samples up to `config.steps`."""
     device = pick_device(config.device)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -171,7 +175,7 @@ def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: Tr
                  "seed": config.seed, "data_fingerprint": fingerprint}
     start, uri = 0, None
     if (checkpoint := latest_intact(folder)) is not None:
-        check_resumable(checkpoint.meta, full_meta["config"], fingerprint, checkpoint.uri)
+        check_resumable(checkpoint.meta, full_meta["config"], fingerprint, checkpoint.uri, new_data)
         model.load_state_dict({k[6:]: v for k, v in checkpoint.model.items() if k.startswith("model.")})
         ema = {k[4:]: v.to(device) for k, v in checkpoint.model.items() if k.startswith("ema.")}
         _restore_state(optimizer, generators, checkpoint.state)
@@ -261,13 +265,14 @@ def _interrupt_at_step_boundary() -> Iterator[threading.Event]:
 
 def train_expert(config: ExpertConfig, domain: Domain, samples: Samples, folder: str,
                  on_log: OnLog | None = None, statistics: Statistics | None = None,
-                 progress_bar: ProgressBar | None = None) -> TrainResult:
+                 progress_bar: ProgressBar | None = None, new_data: bool = False) -> TrainResult:
     """Train one expert on one partition's samples, checkpointing to `folder` (any storage URI)
     and resuming from its latest checkpoint there. Conditions are dropped to null with
     `condition_dropout`, and the domain's `given_masks` fix entries, so that one expert learns
     conditional and unconditional generation and completion together. `statistics` (the
     partition's, for its templates) are saved with every checkpoint. `progress_bar` makes the bar
-    (see `ProgressBar`; the platform passes Ray's inside Ray workers)."""
+    (see `ProgressBar`; the platform passes Ray's inside Ray workers). `new_data`: continue from a
+    checkpoint trained before records were added (see `run_training`)."""
     net = seeded(domain.denoiser_network, config.train.seed)
     fields, conditions = domain.fields, domain.conditions
 
@@ -279,4 +284,4 @@ def train_expert(config: ExpertConfig, domain: Domain, samples: Samples, folder:
             "partition": config.partition, "prediction": config.prediction.value, "statistics": statistics or {},
             "config": {"partition": config.partition, "prediction": config.prediction.value}}
     return run_training(net, loss_fn, samples, config.train, folder, meta, on_log,
-                        description=f"expert {config.partition}", progress_bar=progress_bar)
+                        description=f"expert {config.partition}", progress_bar=progress_bar, new_data=new_data)

@@ -27,7 +27,7 @@ import os
 import sys
 
 from archipelago.experts.lease import LeaseHeld
-from archipelago.platform import cli_config, jobs, runner, sample_files, sdk, steps, tasks, tracking
+from archipelago.platform import cli_config, jobs, modules, runner, sample_files, sdk, steps, tasks, tracking
 from archipelago.platform.cli_config import ConfigError, Settings
 from archipelago.platform.islands import MissingIslandError, TaskFailedError, use_token_auth
 from archipelago.platform.status import run_status, status_text
@@ -135,7 +135,7 @@ def sample(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise ConfigError(f"--out {error}") from error
     request = cli_config.request_from_args(args)
-    run = sdk.load(args.run_dir)
+    run = sdk.load(args.run_dir, args.version)
     request = run.request(request)  # checked against the run before any sampling work
     sample_files.check_target(args.out, run.domain)
     if args.dry_run:
@@ -143,11 +143,48 @@ def sample(args: argparse.Namespace) -> int:
         return 0
     out = run.sample(request)
     sample_files.write(args.out, out, run.domain)
+    attribution = sample_files.write_attribution(args.out, run.attribute(out, args.nearest))
     print(
         f"wrote {request.n} samples to {args.out} ({request.strategy.value}, {request.solver}, {request.steps} steps); "
-        f"evaluations per sample: {out.expert_calls_per_sample:g} expert, {out.router_calls_per_sample:g} router"
+        f"evaluations per sample: {out.expert_calls_per_sample:g} expert, {out.router_calls_per_sample:g} router; "
+        f"attribution in {attribution}"
     )
     return 0
+
+
+def add_data(args: argparse.Namespace) -> int:
+    config = steps.load_config(args.run_dir)
+    how = f"into {args.new_partitions} new partitions" if args.new_partitions else "into the nearest clusters"
+    if args.dry_run:
+        return _print_module_plan(args, f"add the records of {args.data} to {args.run_dir} {how}; train the experts "
+                                      f"that change and a new router; assemble a new version ({config.experts} "
+                                      f"experts at the fit)")
+    version = modules.add_data(args.run_dir, args.data, args.new_partitions, args.extra_steps, _module_launch(args))
+    print(f"added {args.data} {how}: version {version['version']} ({version['change']}), experts "
+          f"{version['expert_ids']}")
+    return 0
+
+
+def remove_expert(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return _print_module_plan(args, f"delete expert {args.expert} of {args.run_dir} with its partition's records "
+                                      f"and the routers that saw them; train a new router; assemble a new version")
+    version = modules.remove_expert(args.run_dir, args.expert, _module_launch(args))
+    print(f"removed expert {args.expert}: version {version['version']} ({version['change']}), experts "
+          f"{version['expert_ids']}")
+    return 0
+
+
+def _print_module_plan(args: argparse.Namespace, what: str) -> int:
+    launch = _module_launch(args)
+    where = "in this process" if not launch.ray else f"on Ray ({launch.address or 'RAY_ADDRESS, else embedded'})"
+    print(f"# plan\n{what}; {where}, {'tracked in MLflow' if launch.track else 'untracked'}")
+    return 0
+
+
+def _module_launch(args: argparse.Namespace) -> runner.Launch:
+    return runner.Launch(ray=not args.in_process, address=args.address, track=not args.no_tracking,
+                         tracking_uri=args.tracking_uri, register=args.register, wait=args.wait)
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -253,7 +290,17 @@ def _run_flags(p: argparse.ArgumentParser, tracked: bool = True) -> None:
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
 
 
-WRITERS = (fit, partition, train_expert, train_router, assemble)  # the commands that take a lease
+WRITERS = (fit, partition, train_expert, train_router, assemble, add_data, remove_expert)  # they take a lease
+
+
+def _module_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of add-data and remove-expert: the run, where it trains and how it is tracked."""
+    p.add_argument("--run-dir", required=True, help="the run directory")
+    p.add_argument("--address", help="Ray GCS address host:port (default: RAY_ADDRESS, else Ray embedded)")
+    p.add_argument("--in-process", action="store_true", help="train in this process, without Ray")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
+    p.add_argument("--register", metavar="NAME", help="register the new ensemble version under NAME")
 
 
 def build_parser() -> Parser:
@@ -288,6 +335,22 @@ def build_parser() -> Parser:
     _run_flags(p, tracked=False)
     cli_config.sample_flags(p)
     p.add_argument("--out", required=True, metavar="FILE", help=".npy (user units), .csv or .parquet (long table)")
+    p.add_argument("--version", type=positive, help="the ensemble version (default: the newest; see status)")
+    p.add_argument("--nearest", type=int, default=3, metavar="N",
+                   help="nearest training records per sample in its attribution file (default 3; 0: none)")
+
+    p = command(add_data, "Grow a run with new records: into the nearest clusters, or new partitions.")
+    _module_flags(p)
+    p.add_argument("--data", required=True, help="the new records (a source the run's domain reads)")
+    p.add_argument("--new-partitions", type=int, default=0, metavar="N",
+                   help="cluster the new records into N new partitions with new experts (default 0: assign them "
+                        "to the nearest clusters, whose experts train on)")
+    p.add_argument("--extra-steps", type=positive, metavar="S",
+                   help="steps of each changed expert (default: grown experts in proportion to the records added, "
+                        "new experts the run's expert.steps)")
+    p = command(remove_expert, "Forget one expert: its partition's records, its weights and the routers that saw them.")
+    _module_flags(p)
+    p.add_argument("--expert", type=int, required=True, metavar="K", help="the expert to remove")
 
     p = command(evaluate, "Score generated samples with the domain's metrics (mean and 95%% interval).")
     _run_flags(p, tracked=False)

@@ -77,7 +77,8 @@ class RunConfig(BaseModel):
         return self
 
     def placement_of(self, k: int) -> Placement:
-        return self.placement[k] if self.placement is not None else Placement()
+        """Expert k's placement; experts added after the fit (k >= experts) go anywhere."""
+        return self.placement[k] if self.placement is not None and k < len(self.placement) else Placement()
 
     def islands(self) -> set[str]:
         named = [self.placement_of(k).island for k in range(self.experts)] + [self.router_placement.island]

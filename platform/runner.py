@@ -128,7 +128,7 @@ def _task_specs(config: RunConfig, run_dir: str, target: TrackingTarget | None, 
         env = {TRACKING_ENV: target.uri}
     ray = {"max_retries": launch.max_retries, "env_vars": env, "kwargs": {"in_ray_worker": True}}
     specs = []
-    for k in range(config.experts):
+    for k in steps.expert_ids(run_dir):
         place = config.placement_of(k)
         specs.append(islands.TaskSpec(train_expert_task, (run_dir, k, target), name=f"expert-{k}", island=place.island,
                                       num_cpus=place.num_cpus, num_gpus=place.num_gpus, **ray))
@@ -141,7 +141,7 @@ def _task_specs(config: RunConfig, run_dir: str, target: TrackingTarget | None, 
 def _train(config: RunConfig, run_dir: str, target: TrackingTarget | None, launch: Launch) -> list[dict[str, Any]]:
     """Train the experts and the router: in this process one after the other, or as Ray tasks."""
     if not launch.ray:
-        return [*(train_expert_task(run_dir, k, target) for k in range(config.experts)),
+        return [*(train_expert_task(run_dir, k, target) for k in steps.expert_ids(run_dir)),
                 train_router_task(run_dir, target)]
     from archipelago.platform import islands
 
@@ -155,10 +155,12 @@ def fit(config: RunConfig, run_dir: str, source: Any = None, domain: Domain | No
     domain = preflight(config, run_dir, launch, domain)
     with steps.run_lease(run_dir, "archipelago fit", launch.wait):
         _prepare_steps(config, run_dir, source, domain)
-        return _fit(config, run_dir, launch)
+        return train_and_assemble(config, run_dir, launch)
 
 
-def _fit(config: RunConfig, run_dir: str, launch: Launch) -> FitResult:
+def train_and_assemble(config: RunConfig, run_dir: str, launch: Launch) -> FitResult:
+    """Train (or resume) every expert and the router of a partitioned run directory, assemble the
+    ensemble, and with tracking log it to MLflow (and register it when the launch says so)."""
     if not launch.track:
         results = _train(config, run_dir, None, launch)
         steps.assemble(run_dir)

@@ -81,6 +81,15 @@ def write(path: str, samples: Samples, domain: Domain) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_attribution(path: str, attribution: pd.DataFrame) -> str:
+    """Write the attribution of the samples in `path` beside them, as <stem>.attribution.csv; its path."""
+    target = Path(path).with_name(f"{Path(path).stem}.attribution.csv")
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    attribution.to_csv(tmp, index=False)
+    os.replace(tmp, target)
+    return str(target)
+
+
 def read(path: str, domain: Domain) -> Samples:
     """Samples from a .npy file in user units, back in the domain's tensors (see the module docstring)."""
     if Path(path).suffix.lower() != ".npy":

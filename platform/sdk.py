@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ from torch import Tensor
 from archipelago.domains import domain_reference
 from archipelago.experts.batch import Batch
 from archipelago.experts.domain import Domain
-from archipelago.platform import runner, steps
+from archipelago.platform import modules, runner, steps
 from archipelago.platform.config import RunConfig, on_device
 from archipelago.platform.runner import Launch
 from archipelago.router.sampling import SampleRequest, check_device, check_request
@@ -42,13 +43,15 @@ class Samples:
     expert_calls_per_sample: float
     router_calls_per_sample: float
     assignment: Tensor | None = None  # [n] the expert of each sample (per-trajectory strategies: sample, oracle)
+    attribution: Tensor | None = None  # [n, K] each expert's routing weight averaged along the trajectory
+    expert_ids: list[int] | None = None  # the run's expert id of each column of `attribution`
 
 
 class Run:
     """A fitted (or partly fitted) run directory."""
 
-    def __init__(self, run_dir: str):
-        self.run_dir = str(run_dir)
+    def __init__(self, run_dir: str, version: int | None = None):
+        self.run_dir, self.version = str(run_dir), version
         self.config = steps.load_config(self.run_dir)
         self.domain = steps.load_domain(self.run_dir)
         self._ensembles: dict[torch.device, steps.LoadedEnsemble] = {}
@@ -60,7 +63,7 @@ class Run:
 
     def _ensemble_on(self, device: torch.device) -> steps.LoadedEnsemble:
         if device not in self._ensembles:
-            self._ensembles[device] = steps.load_ensemble(self.run_dir, device)
+            self._ensembles[device] = steps.load_ensemble(self.run_dir, device, self.version)
         return self._ensembles[device]
 
     def request(self, n: int | SampleRequest | None = None, **settings: Any) -> SampleRequest:
@@ -88,7 +91,28 @@ class Run:
             expert_calls_per_sample=generated.expert_calls_per_sample,
             router_calls_per_sample=generated.router_calls_per_sample,
             assignment=generated.assignment,
+            attribution=generated.attribution,
+            expert_ids=e.expert_ids or list(range(len(e.experts))),
         )
+
+    def attribute(self, generated: Samples, nearest: int = 3) -> pd.DataFrame:
+        """Which partitions made each sample: every expert's routing weight along the trajectory,
+        and the `nearest` training records of the sample's main partition in the domain's feature
+        space (see `archipelago.platform.modules.attribute`)."""
+        return modules.attribute(self.run_dir, generated, nearest)
+
+    def add_data(self, data: Any, new_partitions: int = 0, extra_steps: int | None = None, **launch: Any) -> Run:
+        """Grow the run with new records (see `archipelago.platform.modules.add_data`); the grown run
+        at its new ensemble version. `launch`: `runner.Launch` fields (default: in this process,
+        untracked, as `fit`)."""
+        modules.add_data(self.run_dir, data, new_partitions=new_partitions, extra_steps=extra_steps,
+                         launch=_sdk_launch(launch))
+        return Run(self.run_dir)
+
+    def remove_expert(self, k: int, **launch: Any) -> Run:
+        """Forget expert k and its partition (see `archipelago.platform.modules.remove_expert`)."""
+        modules.remove_expert(self.run_dir, k, launch=_sdk_launch(launch))
+        return Run(self.run_dir)
 
     def records(self) -> pa.Table:
         """The records the run was fitted on."""
@@ -134,9 +158,15 @@ def fit(data: Any, run_dir: str, domain: str | Domain = "timeseries", experts: i
     return Run(result.run_dir)
 
 
-def load(run_dir: str) -> Run:
-    """Open a run directory written by `fit` (or by the command line, or by a cluster)."""
-    return Run(run_dir)
+def _sdk_launch(settings: dict[str, Any]) -> Launch:
+    """The SDK's launch: in this process and untracked unless asked (see `runner.Launch`)."""
+    return Launch(**{"ray": False, "track": False} | settings)
+
+
+def load(run_dir: str, version: int | None = None) -> Run:
+    """Open a run directory written by `fit` (or by the command line, or by a cluster), at its
+    newest ensemble version or at `version`."""
+    return Run(run_dir, version)
 
 
 def _as_request(n: int | SampleRequest | None, settings: dict[str, Any]) -> SampleRequest:

@@ -13,7 +13,7 @@ from typing import Any
 from archipelago.experts import storage
 from archipelago.experts.checkpoint import latest_checkpoint
 from archipelago.experts.lease import holder
-from archipelago.platform import steps
+from archipelago.platform import steps, versions
 
 
 def _progress(folder: str, configured: int) -> dict[str, Any]:
@@ -32,19 +32,24 @@ def run_status(run_dir: str) -> dict[str, Any]:
     """What storage says about a run (see the module docstring), as a JSON-ready dict."""
     config = steps.load_config(run_dir)
     partition = storage.join(run_dir, steps.PARTITION_FILE)
+    partitioned = storage.exists(partition)
     return {
         "run_dir": run_dir,
         "domain": config.domain,
-        "partition_sizes": storage.read_json(partition)["sizes"] if storage.exists(partition) else None,
+        "partition_sizes": storage.read_json(partition)["sizes"] if partitioned else None,
         "experts": [
             {
                 "expert": k,
                 "island": config.placement_of(k).island,
-                **_progress(steps.expert_dir(run_dir, k), config.expert.steps),
+                **_progress(steps.expert_dir(run_dir, k),
+                            steps.expert_steps(run_dir, config, k) if partitioned else config.expert.steps),
             }
-            for k in range(config.experts)
+            for k in (steps.expert_ids(run_dir) if partitioned else range(config.experts))
         ],
-        "router": _progress(steps.router_dir(run_dir), config.router.steps),
+        "router": _progress(steps.router_dir(run_dir, steps.generation(run_dir) if partitioned else 0),
+                            config.router.steps),
+        "versions": [{key: v.get(key) for key in ("version", "expert_ids", "change", "at", "withdrawn")}
+                     for v in versions.history(run_dir)],
         "assembled": storage.exists(storage.join(run_dir, steps.ENSEMBLE_FILE)),
         "writer": _writer(run_dir),
     }
@@ -65,6 +70,8 @@ def status_text(status: dict[str, Any], as_json: bool = False) -> str:
     lines += [
         f"partition: {'sizes ' + ', '.join(map(str, sizes)) if sizes else 'not yet'}",
         f"assembled: {'yes' if status['assembled'] else 'no'}",
+        *(f"version {v['version']}: experts {v['expert_ids']}, {v['change']} ({v['at']})"
+          + (f", withdrawn: {v['withdrawn']}" if v["withdrawn"] else "") for v in status["versions"]),
         f"writer: {status['writer'] or 'none'}",
         *(f"  expert {e['expert']}: {e['writer']}" for e in status["experts"] if e["writer"]),
         *([f"  router: {status['router']['writer']}"] if status["router"]["writer"] else []),

@@ -10,8 +10,9 @@
                                     (one shard per shard of data/expert=<k>/)
     latents.json                    marks the latents complete and names the codec checkpoint
     experts/expert-<k>/             expert k's checkpoints (safetensors + JSON, LATEST pointer)
-    router/                         the router's checkpoints
-    ensemble.json                   the assembled ensemble: expert and router checkpoints, cluster sizes
+    router/, routers/g<n>/          the router's checkpoints (g<n>: after the n-th add-data or remove-expert)
+    ensemble.json, ensembles/v<N>.json  the assembled ensemble and every version of it: expert and
+                                    router checkpoints, cluster sizes (`archipelago.platform.versions`)
 
 The run directory is any storage URI (a local folder, s3://...). Because every step reads and
 writes only there, a step can run on another machine or cluster, be repeated, or be resumed:
@@ -27,7 +28,9 @@ Experts, the router and the codec read their data shard by shard (`StreamedSampl
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,13 +58,15 @@ from archipelago.experts.training import (
     pick_device,
     train_expert,
 )
+from archipelago.platform import versions
 from archipelago.platform.config import TRAININGS, RunConfig, identity_diff, validate_domain
 from archipelago.router.partition import Partition, kmeans_partition
 from archipelago.router.sampling import Generated, SampleRequest, sample_ensemble
 from archipelago.router.training import Router, RouterConfig, train_router
 
-RUN_FILE, DOMAIN_FILE, PARTITION_FILE, ENSEMBLE_FILE = "run.json", "domain.json", "partition.json", "ensemble.json"
+RUN_FILE, DOMAIN_FILE, PARTITION_FILE = "run.json", "domain.json", "partition.json"
 LATENTS_FILE = "latents.json"
+ENSEMBLE_FILE = versions.ENSEMBLE_FILE
 
 
 class RunConflict(ValueError):
@@ -72,8 +77,14 @@ def expert_dir(run_dir: str, k: int) -> str:
     return storage.join(run_dir, "experts", f"expert-{k}")
 
 
-def router_dir(run_dir: str) -> str:
-    return storage.join(run_dir, "router")
+def router_dir(run_dir: str, generation: int = 0) -> str:
+    """The router of the partition's `generation` (0 as partitioned; each add-data or remove-expert
+    makes the next, whose router trains anew on the experts then present)."""
+    return storage.join(run_dir, *_router_parts(generation))
+
+
+def _router_parts(generation: int) -> list[str]:
+    return ["router"] if generation == 0 else ["routers", f"g{generation}"]
 
 
 def codec_dir(run_dir: str) -> str:
@@ -90,10 +101,11 @@ def read_table(uri: str) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
 
 
-def _write_shards(folder: str, table: pa.Table, shard_rows: int) -> list[int]:
-    """Write `table` as folder/part-<i>.parquet of at most `shard_rows` rows each; their sizes."""
+def _write_shards(folder: str, table: pa.Table, shard_rows: int, first: int = 0) -> list[int]:
+    """Write `table` as folder/part-<i>.parquet (i from `first`) of at most `shard_rows` rows each;
+    their sizes."""
     sizes = []
-    for i, start in enumerate(range(0, table.num_rows, shard_rows) or [0]):  # an empty table: one empty shard
+    for i, start in enumerate(range(0, table.num_rows, shard_rows) or [0], first):  # an empty table: one empty shard
         shard = table.slice(start, shard_rows)
         _write_table(_shard(folder, i), shard)
         sizes.append(shard.num_rows)
@@ -104,11 +116,16 @@ def _shard(folder: str, i: int) -> str:
     return storage.join(folder, f"part-{i}.parquet")
 
 
-def _read_shards(folder: str) -> pa.Table:
+def _shard_names(folder: str) -> list[str]:
+    """The part-<i>.parquet names in `folder`, in order of i."""
     names = [name for name in storage.list_dir(folder) if name.startswith("part-") and name.endswith(".parquet")]
+    return sorted(names, key=lambda name: int(name[5:-8]))
+
+
+def _read_shards(folder: str) -> pa.Table:
+    names = _shard_names(folder)
     if not names:
         raise FileNotFoundError(f"no Parquet shards in {folder}")
-    names.sort(key=lambda name: int(name[5:-8]))
     return pa.concat_tables([read_table(storage.join(folder, name)) for name in names])
 
 
@@ -213,8 +230,11 @@ def partition(run_dir: str) -> dict[str, Any]:
     done = storage.join(run_dir, PARTITION_FILE)
     if storage.exists(done):
         summary = storage.read_json(done)
-        missing = [k for k, sizes in enumerate(_shard_sizes(run_dir))
-                   if not all(storage.exists(_shard(_data_dir(run_dir, k), i)) for i in range(len(sizes)))]
+        missing = [k for k in expert_ids(run_dir) if not all(storage.exists(_shard(_data_dir(run_dir, k), i))
+                                                             for i in range(len(_shard_sizes(run_dir)[k])))]
+        if missing and summary.get("generation", 0):
+            raise RunConflict(f"partitions {missing} of {run_dir} are missing and cannot be rebuilt: the run's "
+                              f"partitions changed since clustering (add-data or remove-expert)")
         if missing:
             _rebuild_partitions(run_dir, summary, missing)
         return {**summary, "rebuilt": missing}
@@ -249,17 +269,70 @@ def encode(run_dir: str, on_log: OnLog | None = None) -> dict[str, Any] | None:
     config = load_config(run_dir)
     train = config.codec.model_copy(update={"seed": derive_seed(config.seed, "codec")})
     sizes = _shard_sizes(run_dir)
-    shards = [(k, i) for k in range(config.experts) for i in range(len(sizes[k]))]
+    shards = [(k, i) for k in expert_ids(run_dir) for i in range(len(sizes[k]))]
     records = _read_blocks(config, [_shard(_data_dir(run_dir, k), i) for k, i in shards], domain.samples,
                            [sizes[k][i] for k, i in shards])
     result = train_codec(train, domain, records, codec_dir(run_dir), on_log)
     codec = load_codec(domain, result.checkpoint, pick_device(train.device))
     for k, i in shards:  # one shard in memory at a time
-        latents = encode_samples(codec, domain.samples(read_table(_shard(_data_dir(run_dir, k), i))))
-        _write_table(_shard(storage.join(run_dir, "latents", f"expert={k}"), i), latents_to_table(latents))
+        _write_latents(run_dir, codec, domain, k, i)
     summary = {"codec": ["codec", storage.base_name(result.checkpoint)]}
     storage.write_json(done, summary)
     return summary
+
+
+def _write_latents(run_dir: str, codec: torch.nn.Module, domain: Domain, k: int, i: int) -> None:
+    """Encode shard i of partition k into latents/expert=<k>/part-<i>.parquet."""
+    latents = encode_samples(codec, domain.samples(read_table(_shard(_data_dir(run_dir, k), i))))
+    _write_table(_shard(_latents_dir(run_dir, k), i), latents_to_table(latents))
+
+
+def _latents_dir(run_dir: str, k: int) -> str:
+    return storage.join(run_dir, "latents", f"expert={k}")
+
+
+def append_partition(run_dir: str, k: int, table: pa.Table, first: int) -> list[int]:
+    """Add records to partition k as its shards from `first` on (and their latents when the run has
+    a codec); the new shards' sizes. Nothing refers to them until partition.json lists them."""
+    sizes = _write_shards(_data_dir(run_dir, k), table, load_config(run_dir).shard_rows, first)
+    latents = storage.join(run_dir, LATENTS_FILE)
+    if storage.exists(latents):
+        domain = load_domain(run_dir)
+        codec = load_codec(domain, storage.join(run_dir, *storage.read_json(latents)["codec"]), torch.device("cpu"))
+        for i in range(first, first + len(sizes)):
+            _write_latents(run_dir, codec, domain, k, i)
+    return sizes
+
+
+def append_records(run_dir: str, table: pa.Table) -> None:
+    """Add records to the run's records/ as new shards."""
+    folder = storage.join(run_dir, "records")
+    _write_shards(folder, table, load_config(run_dir).shard_rows, len(_shard_names(folder)))
+
+
+def drop_records(run_dir: str, rows: pa.Table) -> int:
+    """Rewrite records/ without the records equal to a row of `rows`, one shard at a time; how many
+    were dropped. (Records have no ids: a row is known by its contents.)"""
+    gone, dropped, folder = set(row_keys(rows)), 0, storage.join(run_dir, "records")
+    for name in _shard_names(folder):
+        shard = read_table(storage.join(folder, name))
+        keep = [key not in gone for key in row_keys(shard)]
+        if not all(keep):
+            _write_table(storage.join(folder, name), shard.filter(pa.array(keep)))
+            dropped += len(keep) - sum(keep)
+    return dropped
+
+
+def row_keys(table: pa.Table) -> list[str]:
+    """One digest per row of its contents."""
+    return [hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
+            for row in table.to_pylist()]
+
+
+def delete_partition(run_dir: str, k: int) -> None:
+    """Delete partition k's data, latents and expert checkpoints."""
+    for folder in (_data_dir(run_dir, k), _latents_dir(run_dir, k), expert_dir(run_dir, k)):
+        storage.delete_dir(folder)
 
 
 def _data_dir(run_dir: str, k: int) -> str:
@@ -288,7 +361,7 @@ def expert_samples(run_dir: str, k: int, domain: Domain) -> Samples:
 
 def _training_shards(run_dir: str, k: int, count: int) -> list[str]:
     latents = storage.exists(storage.join(run_dir, LATENTS_FILE))
-    folder = storage.join(run_dir, "latents", f"expert={k}") if latents else _data_dir(run_dir, k)
+    folder = _latents_dir(run_dir, k) if latents else _data_dir(run_dir, k)
     return [_shard(folder, i) for i in range(count)]
 
 
@@ -304,10 +377,28 @@ def _as_samples(run_dir: str, domain: Domain) -> Callable[[pa.Table], Samples]:
     return latent_samples if storage.exists(storage.join(run_dir, LATENTS_FILE)) else domain.samples
 
 
-def check_expert(config: RunConfig, k: int) -> None:
+def expert_ids(run_dir: str) -> list[int]:
+    """The run's experts now: 0..K-1 as partitioned, then as add-data and remove-expert changed them."""
+    summary = storage.read_json(storage.join(run_dir, PARTITION_FILE))
+    return summary.get("experts", list(range(len(summary["sizes"]))))
+
+
+def generation(run_dir: str) -> int:
+    """How many times add-data or remove-expert changed the partitions (0: as partitioned)."""
+    return storage.read_json(storage.join(run_dir, PARTITION_FILE)).get("generation", 0)
+
+
+def expert_steps(run_dir: str, config: RunConfig, k: int) -> int:
+    """Expert k's training steps: the run's, or more for an expert whose partition grew."""
+    summary = storage.read_json(storage.join(run_dir, PARTITION_FILE))
+    return summary.get("expert_steps", {}).get(str(k), config.expert.steps)
+
+
+def check_expert(run_dir: str, k: int) -> None:
     """Raise ValueError unless expert k is one of the run's experts."""
-    if not 0 <= k < config.experts:
-        raise ValueError(f"expert {k} does not exist: the run has experts 0..{config.experts - 1}")
+    ids = expert_ids(run_dir)
+    if k not in ids:
+        raise ValueError(f"expert {k} does not exist: the run's experts are {ids}")
 
 
 def run_lease(run_dir: str, purpose: str, wait: bool | float = False) -> Lease:
@@ -321,62 +412,66 @@ def train_expert_step(run_dir: str, k: int, on_log: OnLog | None = None,
     """Train (or resume) expert k on its own partition, holding the lease of its folder (`wait` as
     in `Lease`)."""
     config, domain = load_config(run_dir), load_domain(run_dir)
-    check_expert(config, k)
-    train = config.expert.model_copy(update={"seed": derive_seed(config.seed, "expert", k)})
+    check_expert(run_dir, k)
+    train = config.expert.model_copy(update={"seed": derive_seed(config.seed, "expert", k),
+                                             "steps": expert_steps(run_dir, config, k)})
     expert = ExpertConfig(partition=k, prediction=config.prediction, train=train)
-    statistics = storage.read_json(storage.join(run_dir, PARTITION_FILE))["statistics"][k]
+    summary = storage.read_json(storage.join(run_dir, PARTITION_FILE))
     with Lease(expert_dir(run_dir, k), f"training expert {k}", wait):
         return train_expert(expert, domain, expert_samples(run_dir, k, domain), expert_dir(run_dir, k), on_log,
-                            statistics, progress_bar)
+                            summary["statistics"][k], progress_bar, new_data=k in summary.get("grown", []))
 
 
 def train_router_step(run_dir: str, on_log: OnLog | None = None, progress_bar: ProgressBar | None = None,
                       wait: bool | float = False) -> TrainResult:
     """Train (or resume) the router on every partition's records with their cluster labels, holding
     the lease of its folder."""
-    with Lease(router_dir(run_dir), "training the router", wait):
+    with Lease(router_dir(run_dir, generation(run_dir)), "training the router", wait):
         return _train_router(run_dir, on_log, progress_bar)
 
 
 def _train_router(run_dir: str, on_log: OnLog | None, progress_bar: ProgressBar | None) -> TrainResult:
     config, domain = load_config(run_dir), load_domain(run_dir)
-    sizes = _shard_sizes(run_dir)
-    uris = [uri for k in range(config.experts) for uri in _training_shards(run_dir, k, len(sizes[k]))]
-    labels = torch.cat([torch.full((sum(s),), k) for k, s in enumerate(sizes)])
+    sizes, ids = _shard_sizes(run_dir), expert_ids(run_dir)
+    uris = [uri for k in ids for uri in _training_shards(run_dir, k, len(sizes[k]))]
+    labels = torch.cat([torch.full((sum(sizes[k]),), i) for i, k in enumerate(ids)])  # positions among `ids`
     train = config.router.model_copy(update={"seed": derive_seed(config.seed, "router")})
     return train_router(
-        RouterConfig(num_experts=config.experts, train=train),
+        RouterConfig(num_experts=len(ids), train=train),
         domain,
-        _read_blocks(config, uris, _as_samples(run_dir, domain), [n for s in sizes for n in s]),
+        _read_blocks(config, uris, _as_samples(run_dir, domain), [n for k in ids for n in sizes[k]]),
         labels,
-        router_dir(run_dir),
+        router_dir(run_dir, generation(run_dir)),
         on_log,
         progress_bar,
     )
 
 
 def assemble(run_dir: str) -> dict[str, Any]:
-    """Write ensemble.json from the experts' and the router's final checkpoints."""
-    config = load_config(run_dir)
-    experts = [latest_checkpoint(expert_dir(run_dir, k)) for k in range(config.experts)]
-    missing = [k for k, uri in enumerate(experts) if uri is None]
+    """Record the ensemble of the experts' and the current router's newest checkpoints as a version
+    (a new one only when it changed; see `archipelago.platform.versions`) and return it."""
+    ids, g = expert_ids(run_dir), generation(run_dir)
+    experts = {k: latest_checkpoint(expert_dir(run_dir, k)) for k in ids}
+    missing = [k for k, uri in experts.items() if uri is None]
     if missing:
         raise FileNotFoundError(f"experts {missing} of {run_dir} have no checkpoint: train them first")
-    router = latest_checkpoint(router_dir(run_dir))
-    for k, uri in [*enumerate(experts), (None, router)]:
+    router = latest_checkpoint(router_dir(run_dir, g))
+    for k, uri in [*experts.items(), (None, router)]:
         if uri is not None:
             _intact(uri, run_dir, k)
     summary = storage.read_json(storage.join(run_dir, PARTITION_FILE))
+    latents = storage.join(run_dir, LATENTS_FILE)
     ensemble = {
-        "experts": [["experts", f"expert-{k}", storage.base_name(uri)] for k, uri in enumerate(experts)],
-        "cluster_sizes": summary["sizes"],
-        "statistics": summary["statistics"],
-        "codec": storage.read_json(latents)["codec"] if storage.exists(latents := storage.join(run_dir, LATENTS_FILE))
-        else None,
-        "router": ["router", storage.base_name(router)] if router else None,
+        "expert_ids": ids,
+        "experts": [["experts", f"expert-{k}", storage.base_name(experts[k])] for k in ids],
+        "fingerprints": [storage.read_json(storage.join(experts[k], "meta.json"))["data_fingerprint"] for k in ids],
+        "cluster_sizes": [summary["sizes"][k] for k in ids],
+        "statistics": [summary["statistics"][k] for k in ids],
+        "codec": storage.read_json(latents)["codec"] if storage.exists(latents) else None,
+        "router": [*_router_parts(g), storage.base_name(router)] if router else None,
+        "generation": g,
     }
-    storage.write_json(storage.join(run_dir, ENSEMBLE_FILE), ensemble)
-    return ensemble
+    return versions.record(run_dir, ensemble)
 
 
 @dataclass(frozen=True)
@@ -390,6 +485,8 @@ class LoadedEnsemble:
     cluster_sizes: list[int]
     statistics: list[Statistics]
     decode: Callable[[Batch], Batch] | None = None
+    expert_ids: list[int] | None = None  # the run's expert id of each position (None: 0..K-1)
+    version: int | None = None  # the ensemble version (None: assembled before versions were kept)
 
     def sample(self, request: SampleRequest) -> Generated:
         """Generate samples for a request (see `archipelago.router.sampling`)."""
@@ -397,27 +494,26 @@ class LoadedEnsemble:
                                self.decode)
 
 
-def load_ensemble(run_dir: str, device: str | torch.device = "cpu") -> LoadedEnsemble:
-    """Rebuild the assembled ensemble from the run directory."""
-    uri = storage.join(run_dir, ENSEMBLE_FILE)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{run_dir} has no {ENSEMBLE_FILE}: the run is not assembled yet")
-    saved, domain, config = storage.read_json(uri), load_domain(run_dir), load_config(run_dir)
+def load_ensemble(run_dir: str, device: str | torch.device = "cpu", version: int | None = None) -> LoadedEnsemble:
+    """Rebuild an assembled ensemble from the run directory: its newest version, or `version`."""
+    saved, domain, config = versions.load(run_dir, version), load_domain(run_dir), load_config(run_dir)
+    ids = saved.get("expert_ids", list(range(len(saved["experts"]))))
     experts = []
-    for k, parts in enumerate(saved["experts"]):
+    for k, parts in zip(ids, saved["experts"], strict=True):
         net = domain.denoiser_network()
         net.load_state_dict(_intact(storage.join(run_dir, *parts), run_dir, k, ema=True))
         experts.append(Denoiser(net, domain.fields, config.prediction).to(device).eval())
     router = None
     if saved["router"] is not None:
-        router = Router(domain.router_network(config.experts), domain.fields)
+        router = Router(domain.router_network(len(ids)), domain.fields)
         router.load_state_dict(_intact(storage.join(run_dir, *saved["router"]), run_dir, None, ema=True))
         router = router.to(device).eval()
     decode = None
     if saved.get("codec"):
         decode = _decoder(domain, load_codec(domain, storage.join(run_dir, *saved["codec"]), device))
     return LoadedEnsemble(domain=domain, experts=experts, router=router, cluster_sizes=saved["cluster_sizes"],
-                          statistics=saved["statistics"], decode=decode)
+                          statistics=saved["statistics"], decode=decode, expert_ids=ids,
+                          version=saved.get("version"))
 
 
 def _intact(checkpoint: str, run_dir: str, k: int | None, ema: bool = False) -> Any:

@@ -69,7 +69,7 @@ def train_expert_task(run_dir: str, k: int, target: TrackingTarget | None = None
                       in_ray_worker: bool = False, wait: bool | float | None = None) -> dict[str, Any]:
     """Train (or resume) expert k, tracked as a child run; `wait` for its folder's lease as in `Lease`
     (default: on Ray, long enough for a retried task to take over its dead first attempt's lease)."""
-    steps.check_expert(steps.load_config(run_dir), k)
+    steps.check_expert(run_dir, k)
     summary = steps.partition(run_dir)
     tags = {"expert": k, "partition_size": summary["sizes"][k], "data_fingerprint": summary["data_fingerprint"]}
     wait = _retry_wait(in_ray_worker) if wait is None else wait

@@ -92,6 +92,8 @@ class Ensemble(nn.Module):
         self.top_k, self.assignment = top_k, assignment
         self.conditions, self.guidance = dict(conditions or {}), float(guidance)
         self.evaluations = Evaluations()
+        self._routed: Tensor | None = None  # the sum over calls of every sample's expert weights, [B, K]
+        self._calls = 0
         self._non_finite: dict[tuple[int, str], Tensor] = {}  # (expert, field) -> a flag on the device
 
     def _note_non_finite(self, k: int, out: dict[str, Tensor]) -> None:
@@ -127,9 +129,20 @@ class Ensemble(nn.Module):
         return {name: spec.path.guide(unconditional[name], conditional[name], self.guidance)
                 for name, spec in self.fields.items()}
 
+    def attribution(self) -> Tensor:
+        """Each sample's expert weights averaged over every call along its trajectory, [B, K]: the
+        share of the ensemble's velocity (or posterior) that each expert contributed, i.e. which
+        partitions made the sample. Solver calls are evenly spaced in t for the Euler, Heun and
+        RK4 grids, so the mean is the trajectory integral of w_k(x_t, t) dt up to the quadrature."""
+        if self._routed is None:
+            raise RuntimeError("the ensemble has not been called yet")
+        return self._routed / self._calls
+
     def mixture(self, x_t: Batch, t: Tensor) -> dict[str, Tensor]:
         """sum_k w_k(x_t, t) u^(k)(x_t): the routed mixture of the experts' mixable quantities."""
         w = self.weights(x_t, t)  # [B, K]
+        self._routed = w.detach() if self._routed is None else self._routed + w.detach()
+        self._calls += 1
         mixed: dict[str, Tensor] = {}
         runs = torch.ones_like(w, dtype=torch.bool) if self.strategy is Strategy.FULL else w > 0
         for k, expert in enumerate(self.experts):

@@ -86,6 +86,7 @@ class Generated:
     expert_calls_per_sample: float
     router_calls_per_sample: float
     assignment: Tensor | None = None  # [n] the expert of each sample (per-trajectory strategies)
+    attribution: Tensor | None = None  # [n, K] each expert's weight averaged along the trajectory
 
 
 def oracle_assignment(n: int, cluster_sizes: Sequence[int], generator: torch.Generator | None) -> Tensor:
@@ -159,7 +160,7 @@ def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router
     check_request(domain, request, router, cluster_sizes, len(experts))
     device = check_device(request.device)
     generator = torch.Generator().manual_seed(request.seed)
-    parts, assignments, expert_calls, router_calls = [], [], 0, 0
+    parts, assignments, attributions, expert_calls, router_calls = [], [], [], 0, 0
     for start in range(0, request.n, request.batch_size):
         ids = torch.arange(start, min(start + request.batch_size, request.n))
         assignment = _assignment(domain, request, router, cluster_sizes, statistics, ids, generator)
@@ -174,13 +175,15 @@ def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router
         out = integrate(ensemble, x_1, domain.fields, request.solver, request.steps, generator, request.progress,
                         given={name: Given(g.values.to(device), g.mask.to(device)) for name, g in given.items()})
         ensemble.check_finite()
+        attributions.append(ensemble.attribution().float().cpu())
         parts.append({name: value.cpu() for name, value in (decode(out) if decode else out).items()})
         assignments.append(assignment)
         expert_calls += ensemble.evaluations.expert
         router_calls += ensemble.evaluations.router + (len(ids) if request.strategy is Strategy.SAMPLE else 0)
     return Generated(batch=concat(parts, domain.layout if decode is None else {}), assignment=None
                      if assignments[0] is None else torch.cat(assignments),
-                     expert_calls_per_sample=expert_calls / request.n, router_calls_per_sample=router_calls / request.n)
+                     expert_calls_per_sample=expert_calls / request.n, router_calls_per_sample=router_calls / request.n,
+                     attribution=torch.cat(attributions))
 
 
 def _assignment(domain: Domain, request: SampleRequest, router: Router | None, cluster_sizes: Sequence[int] | None,

@@ -140,3 +140,14 @@ def test_raised_steps_continue_the_run_bit_for_bit(tmp_path):
         raised, direct = (load_checkpoint(latest_checkpoint(steps.expert_dir(str(tmp_path / name), k))).model
                           for name in ("raised", "direct"))
         assert all(torch.equal(raised[key], direct[key]) for key in direct)
+
+
+def test_add_data_with_other_columns_is_refused_and_changes_no_file(series_run):
+    from archipelago.platform import modules
+
+    before = _files(Path(series_run.run_dir))
+    with pytest.raises(ValueError, match=r"missing \['c'\]"):
+        modules.add_data(series_run.run_dir, _series(["a", "b"]))
+    with pytest.raises(ValueError, match=r"columns \['d'\] are not among the run's columns"):
+        modules.add_data(series_run.run_dir, _series(["a", "b", "c", "d"]), new_partitions=1)
+    assert _files(Path(series_run.run_dir)) == before

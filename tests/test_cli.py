@@ -30,7 +30,8 @@ SETTINGS = {
     "expert": TINY,
     "router": TINY,
 }
-COMMANDS = ["fit", "partition", "train-expert", "train-router", "assemble", "sample", "evaluate", "status", "submit"]
+COMMANDS = ["fit", "partition", "train-expert", "train-router", "assemble", "sample", "evaluate", "status", "submit",
+            "add-data", "remove-expert"]
 
 
 def write_settings(folder: Path, text: str | None = None, **changes) -> Path:
@@ -92,6 +93,9 @@ def dry_runs(run_dir: Path, settings: Path, out: Path) -> dict[str, tuple[list[s
             [f"score {out} against the run's own records with metrics ['vds'], 2 repeats, seed 0"],
         ),
         "status": (["status", "--run-dir", run], [f"checkpoints and ensemble.json of {run}"]),
+        "add-data": (["add-data", "--run-dir", run, "--data", "sines:64", "--new-partitions", "1"],
+                     [f"add the records of sines:64 to {run} into 1 new partitions"]),
+        "remove-expert": (["remove-expert", "--run-dir", run, "--expert", "1"], [f"delete expert 1 of {run}"]),
         "submit": (["submit", str(settings), "--address", dashboard], ["submission id: archipelago-", dashboard]),
     }
 
