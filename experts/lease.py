@@ -13,8 +13,8 @@ Every step that must be atomic is a compare-and-swap of the storage:
   checks that the stale lease is still there before it removes it;
 - S3 (and S3-compatible stores): conditional PUTs, `If-None-Match: *` to create and `If-Match:
   <etag>` to renew, take over and delete, through boto3 (pyarrow's filesystem has no conditional
-  writes). Other object stores have none that we can reach, so there a lease is refused with a
-  clear error rather than pretended.
+  writes). Other object stores (gs://, ...) have none that we can reach: there a writer warns that
+  it holds no lease and goes on, as before leases existed; nothing pretends to lock.
 
 A process may take a lease it already holds (nested steps of one fit); it is released when the
 outermost holder lets go. No third-party lock library covers both POSIX folders and S3 with
@@ -198,15 +198,15 @@ def _token_of(body: bytes) -> str:
         return ""  # unreadable: treated as a lease of no one, stale once it is old
 
 
-def _store(folder: str) -> _LocalStore | _S3Store:
+def _store(folder: str) -> _LocalStore | _S3Store | None:
+    """The lease's storage; None where no conditional write is available to us (see the module doc)."""
     uri = storage.join(folder, LEASE_FILE)
     scheme = urlsplit(uri).scheme if "://" in uri else ""
     if scheme in ("", "file"):
         return _LocalStore(storage.resolve(uri)[1])
     if scheme == "s3":
         return _S3Store(uri)
-    raise ValueError(f"cannot take a lease on {folder}: {scheme}:// has no conditional writes here "
-                     f"(leases work on local and shared file systems and on s3://)")
+    return None
 
 
 _held: dict[str, int] = {}  # folders whose lease this process holds, with how many times taken
@@ -239,11 +239,15 @@ class Lease:
                 _held[self.key] += 1
                 return self
         self._store = _store(self.folder)
-        self._version = self._acquire()
+        if self._store is None:
+            logger.warning("%s: no lease (%s has no conditional writes here): two writers at once are not kept "
+                           "apart", self.folder, self.folder.split("://")[0] + "://")
+        else:
+            self._version = self._acquire()
+            self._thread = threading.Thread(target=self._heartbeat, name=f"lease {self.folder}", daemon=True)
+            self._thread.start()
         with _held_lock:
             _held[self.key] = 1
-        self._thread = threading.Thread(target=self._heartbeat, name=f"lease {self.folder}", daemon=True)
-        self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -307,5 +311,6 @@ def _parse(body: bytes) -> Holder | None:
 
 def holder(folder: str) -> Holder | None:
     """Who holds the lease of `folder` now (None when no one does)."""
-    current = _store(folder).read()
+    store = _store(folder)
+    current = store.read() if store is not None else None
     return None if current is None else _parse(current[0])

@@ -200,7 +200,19 @@ def evaluate(args: argparse.Namespace) -> int:
     scores = run.evaluate(
         generated, real=args.real, metrics=args.metrics, repeats=args.repeats, seed=args.seed, progress=args.progress
     )
+    scores["coverage_tv"] = run.coverage(generated)["total_variation"]  # samples per cluster against the data
     print(sample_files.score_table(scores, as_json=args.json))
+    return 0
+
+
+def diagnose(args: argparse.Namespace) -> int:
+    run = sdk.load(args.run_dir)
+    if args.dry_run:
+        print(f"# plan\nnoise up to {args.records} records of {args.run_dir} at fixed t and score its router")
+        return 0
+    table = run.router_diagnostics(records=args.records, likelihood_draws=args.likelihood_draws)
+    print(table.to_json(orient="records", indent=2) if args.json else table.to_string(index=False,
+                                                                                      float_format="%.4f"))
     return 0
 
 
@@ -362,6 +374,13 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="a progress bar on stderr over each metric's repeats (default: on)")
+
+    p = command(diagnose, "The router's accuracy and calibration (ECE) along t on the run's records.")
+    _run_flags(p, tracked=False)
+    p.add_argument("--records", type=positive, default=2048, help="records to noise (default 2048)")
+    p.add_argument("--likelihood-draws", type=positive, metavar="N",
+                   help="score the experts' likelihood router with N noise draws instead of the trained router")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = command(status, "Progress of each expert and the router, read from storage.")
     _run_flags(p, tracked=False)

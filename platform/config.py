@@ -8,7 +8,7 @@ config is validated by the domain class itself (`validate_domain`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -29,6 +29,8 @@ class PartitionConfig(BaseModel):
     balanced: bool = True  # cap cluster sizes at ceil(N / K * (1 + slack))
     slack: float = Field(0.05, ge=0)  # how far above N / K a balanced cluster may grow
     min_size: int = Field(2, ge=1)  # a smaller cluster is an error
+    method: Literal["kmeans", "two_stage"] = "kmeans"  # two_stage: fine clusters merged into K (the paper's)
+    fine_clusters: int = Field(0, ge=0)  # two_stage's fine clusters; 0: 32 K
 
 
 class Placement(BaseModel):

@@ -38,7 +38,8 @@ from archipelago.experts.checkpoint import latest_checkpoint
 from archipelago.experts.lease import holder
 from archipelago.platform import runner, steps, versions
 from archipelago.platform.config import RunConfig
-from archipelago.router.partition import kmeans_partition
+from archipelago.router import diagnostics
+from archipelago.router.partition import Partition, kmeans_partition
 
 if TYPE_CHECKING:
     from archipelago.platform.sdk import Samples
@@ -202,6 +203,19 @@ def _train_and_assemble(config: RunConfig, run_dir: str, launch: runner.Launch) 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def coverage(run_dir: str, items: Any, version: int | None = None) -> dict[str, Any]:
+    """Cluster coverage of generated items (the domain's objects) over the experts of an ensemble
+    version (`archipelago.router.diagnostics.coverage`), with the experts' ids."""
+    domain, saved = steps.load_domain(run_dir), versions.load(run_dir, version)
+    summary = storage.read_json(storage.join(run_dir, steps.PARTITION_FILE))
+    ids = saved.get("expert_ids", list(range(len(saved["experts"]))))
+    clusters = Partition(np.zeros(0, int), np.asarray(summary["centroids"])[ids], np.asarray(summary["mean"]),
+                         np.asarray(summary["scale"]))
+    features = domain.features(domain.ingest(items, fit=False))
+    _standardized(run_dir, features, summary)  # the same feature width as the partition's, or an error
+    return {"experts": ids, **diagnostics.coverage(features, clusters, saved["cluster_sizes"])}
 
 
 def attribute(run_dir: str, generated: Samples, nearest: int = 3) -> pd.DataFrame:

@@ -45,6 +45,7 @@ class Samples:
     assignment: Tensor | None = None  # [n] the expert of each sample (per-trajectory strategies: sample, oracle)
     attribution: Tensor | None = None  # [n, K] each expert's routing weight averaged along the trajectory
     expert_ids: list[int] | None = None  # the run's expert id of each column of `attribution`
+    trace: Tensor | None = None  # [n, calls] each sample's main expert (a position in expert_ids) at every call
 
 
 class Run:
@@ -92,6 +93,7 @@ class Run:
             router_calls_per_sample=generated.router_calls_per_sample,
             assignment=generated.assignment,
             attribution=generated.attribution,
+            trace=generated.trace,
             expert_ids=e.expert_ids or list(range(len(e.experts))),
         )
 
@@ -100,6 +102,18 @@ class Run:
         and the `nearest` training records of the sample's main partition in the domain's feature
         space (see `archipelago.platform.modules.attribute`)."""
         return modules.attribute(self.run_dir, generated, nearest)
+
+    def router_diagnostics(self, records: int = 2048, seed: int = 0, likelihood_draws: int | None = None
+                           ) -> pd.DataFrame:
+        """The router's accuracy, calibration (ECE), confidence and entropy at fixed t on the run's
+        records (see `archipelago.router.diagnostics`), one row per t; with `likelihood_draws`, the
+        experts' likelihood router's (`archipelago.router.likelihood`)."""
+        return pd.DataFrame(steps.router_diagnostics(self.run_dir, records, seed, likelihood_draws))
+
+    def coverage(self, generated: Samples) -> dict[str, Any]:
+        """The share of samples nearest to each expert's cluster against the cluster's share of the
+        data, and their total variation distance (see `archipelago.router.diagnostics.coverage`)."""
+        return modules.coverage(self.run_dir, generated.items, self.version)
 
     def add_data(self, data: Any, new_partitions: int = 0, extra_steps: int | None = None, **launch: Any) -> Run:
         """Grow the run with new records (see `archipelago.platform.modules.add_data`); the grown run

@@ -42,7 +42,7 @@ import torch
 
 from archipelago.domains import domain_class, domain_reference
 from archipelago.experts import storage
-from archipelago.experts.batch import Batch
+from archipelago.experts.batch import Batch, concat
 from archipelago.experts.checkpoint import DamagedCheckpoint, ema_weights, latest_checkpoint, load_checkpoint
 from archipelago.experts.codec import encode_samples, latent_samples, latents_to_table, load_codec, train_codec
 from archipelago.experts.data import Blocked, Samples, StreamedSamples
@@ -60,6 +60,8 @@ from archipelago.experts.training import (
 )
 from archipelago.platform import versions
 from archipelago.platform.config import TRAININGS, RunConfig, identity_diff, validate_domain
+from archipelago.router.diagnostics import router_calibration
+from archipelago.router.likelihood import LikelihoodRouter
 from archipelago.router.partition import Partition, kmeans_partition
 from archipelago.router.sampling import Generated, SampleRequest, sample_ensemble
 from archipelago.router.training import Router, RouterConfig, train_router
@@ -153,7 +155,8 @@ def check_run_dir(config: RunConfig, run_dir: str) -> bool:
         if [name for name in storage.list_dir(run_dir) if not name.startswith(LEASE_FILE)]:
             raise RunConflict(f"{run_dir} is not empty and holds no {RUN_FILE}: choose an empty or new directory")
         return False
-    saved = storage.read_json(uri)["config"]
+    # Through RunConfig, so that a setting added since the run was made compares as its default.
+    saved = RunConfig(**storage.read_json(uri)["config"]).model_dump(mode="json")
     differing = identity_diff(saved, config.model_dump(mode="json"))
     if differing:
         raise RunConflict(
@@ -204,7 +207,7 @@ def prepare(config: RunConfig, run_dir: str, source: Any = None, domain: Domain 
 def _cluster(config: RunConfig, domain: Domain, records: pa.Table) -> Partition:
     p = config.partition
     return kmeans_partition(domain.features(records), config.experts, seed=config.seed, balanced=p.balanced,
-                            slack=p.slack, min_size=p.min_size)
+                            slack=p.slack, min_size=p.min_size, method=p.method, fine_clusters=p.fine_clusters)
 
 
 def _write_partition(run_dir: str, config: RunConfig, domain: Domain, records: pa.Table,
@@ -514,6 +517,31 @@ def load_ensemble(run_dir: str, device: str | torch.device = "cpu", version: int
     return LoadedEnsemble(domain=domain, experts=experts, router=router, cluster_sizes=saved["cluster_sizes"],
                           statistics=saved["statistics"], decode=decode, expert_ids=ids,
                           version=saved.get("version"))
+
+
+def router_diagnostics(run_dir: str, records: int = 2048, seed: int = 0,
+                       likelihood_draws: int | None = None) -> list[dict[str, float]]:
+    """The current router's accuracy and calibration along t (`router.diagnostics.router_calibration`)
+    on up to `records` of the run's records, drawn from every partition in proportion to its size;
+    with `likelihood_draws`, those of the assembled experts' likelihood router instead."""
+    domain, ids, sizes = load_domain(run_dir), expert_ids(run_dir), _shard_sizes(run_dir)
+    if likelihood_draws is not None:
+        ensemble = load_ensemble(run_dir)
+        router = LikelihoodRouter(ensemble.experts, domain.fields, ensemble.cluster_sizes, likelihood_draws,
+                                  torch.Generator().manual_seed(seed))
+    else:
+        checkpoint = latest_checkpoint(router_dir(run_dir, generation(run_dir)))
+        if checkpoint is None:
+            raise FileNotFoundError(f"{run_dir} has no trained router yet")
+        router = Router(domain.router_network(len(ids)), domain.fields)
+        router.load_state_dict(_intact(checkpoint, run_dir, None, ema=True))
+    total, generator, parts, labels = sum(sum(sizes[k]) for k in ids), torch.Generator().manual_seed(seed), [], []
+    for i, k in enumerate(ids):
+        size = sum(sizes[k])
+        take = torch.randperm(size, generator=generator)[: max(1, round(records * size / total))].sort().values
+        parts.append(expert_samples(run_dir, k, domain).batch(take))
+        labels.append(torch.full((len(take),), i))
+    return router_calibration(router.eval(), domain.fields, concat(parts, domain.layout), torch.cat(labels), seed=seed)
 
 
 def _intact(checkpoint: str, run_dir: str, k: int | None, ema: bool = False) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +50,9 @@ def _worker(in_ray_worker: bool) -> tuple[dict[str, Any], ProgressBar | None]:
     return islands.current_placement(), islands.RayProgressBar
 
 
-def _tracked(name: str, target: TrackingTarget | None, tags: dict[str, Any], train, in_ray_worker: bool
-             ) -> dict[str, Any]:
+def _tracked(name: str, target: TrackingTarget | None, tags: dict[str, Any], train, in_ray_worker: bool,
+             report: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Run `train(on_log, progress_bar)` in a child run; `report(child)` then logs more to it."""
     placement, progress_bar = _worker(in_ray_worker)
     logger.warning("%s starting on node %s (island %s, pid %s)", name, placement["node_id"], placement["island"],
                    placement["pid"])
@@ -62,6 +64,8 @@ def _tracked(name: str, target: TrackingTarget | None, tags: dict[str, Any], tra
     with tracking.ChildRun(target.uri, target.parent_id, name, all_tags) as child:
         result = train(child.log, progress_bar)
         child.set_tags({"resumed_from": result.resumed_from, "checkpoint": result.checkpoint})
+        if report is not None:
+            report(child)
         return _report(name, result, placement)
 
 
@@ -84,7 +88,7 @@ def train_router_task(run_dir: str, target: TrackingTarget | None = None, *,
     tags = {"router": True, "partition_sizes": summary["sizes"], "data_fingerprint": summary["data_fingerprint"]}
     wait = _retry_wait(in_ray_worker) if wait is None else wait
     return _tracked("router", target, tags, lambda on_log, bar: steps.train_router_step(run_dir, on_log, bar, wait),
-                    in_ray_worker)
+                    in_ray_worker, report=lambda child: child.log_router_calibration(steps.router_diagnostics(run_dir)))
 
 
 def _retry_wait(in_ray_worker: bool) -> float | bool:

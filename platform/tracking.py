@@ -291,6 +291,30 @@ class ChildRun:
         """Upload a local file or folder (a sample plot, a checkpoint's meta.json, ...)."""
         self._client.log_artifact(self.run_id, os.fspath(path), artifact_path)
 
+    def log_router_calibration(self, rows: list[dict[str, float]]) -> None:
+        """The router's accuracy and calibration along t (`router.diagnostics.router_calibration`):
+        a table (router_calibration.json), a plot (router_calibration.png), and the accuracy and ECE
+        as metric series over step = 100 t."""
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on a worker
+        from matplotlib import pyplot
+
+        self._client.log_table(self.run_id, {key: [row[key] for row in rows] for key in rows[0]},
+                               "router_calibration.json")
+        figure, axis = pyplot.subplots(figsize=(5, 3.2))
+        times = [row["t"] for row in rows]
+        for key in ("accuracy", "ece", "confidence"):
+            axis.plot(times, [row[key] for row in rows], marker="o", label=key)
+        axis.set(xlabel="t (1 = noise)", ylim=(0, 1), title="router p(k | x_t, t) on the run's records")
+        axis.legend()
+        self._client.log_figure(self.run_id, figure, "router_calibration.png")
+        pyplot.close(figure)
+        now = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, metrics=[
+            Metric(f"router_{key}_by_t", row[key], now, round(100 * row["t"]))
+            for row in rows for key in ("accuracy", "ece")])
+
     def log_dict(self, value: Mapping[str, Any], name: str) -> None:
         """Write a dict as a JSON (or YAML, by the name's suffix) artifact."""
         self._client.log_dict(self.run_id, dict(value), name)

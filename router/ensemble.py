@@ -8,10 +8,17 @@ with weights from the router p(k | x_t, t) according to a routing strategy:
 - `topk`:   the k most probable experts, weights renormalized to sum to 1;
 - `top1`:   the most probable expert, re-chosen at every call for every sample (DDM's best);
 - `sample`: one expert per trajectory, drawn once from p(k | x_1, t=1) (see `draw_assignment`);
-- `oracle`: one expert per trajectory, the true partition (for evaluation).
+- `oracle`: one expert per trajectory, the true partition (for evaluation);
+- `stochastic`: one expert per sample and call, drawn from p(k | x_t, t): top-1's cost, and in
+  expectation the full mixture's velocity (so over many small steps its samples approach the full
+  mixture's);
+- `switch`: the full mixture over the first `switch` share of the trajectory (t > 1 - switch),
+  top-1 after it: switch 0 is top-1, switch 1 the full mixture.
 
-Only experts with a non-zero weight run, each on its own group of the batch, so `top1` costs one
-expert call per sample. `evaluations` counts expert and router calls per sample for reporting.
+`router_every` = m calls the router at every m-th call only and reuses its posterior in between
+(m = 1: every call). Only experts with a non-zero weight run, each on its own group of the batch,
+so `top1` costs one expert call per sample. `evaluations` counts expert and router calls per
+sample for reporting; `attribution` and `trace` say which experts made each sample.
 
 Classifier-free guidance meets the mixture on the mixed fields: the ensemble forms the conditional
 mixture sum_k p(k | x_t, t, c) u^(k)(x_t | c) and the unconditional one sum_k p(k | x_t, t)
@@ -47,6 +54,8 @@ class Strategy(StrEnum):
     TOP1 = "top1"
     SAMPLE = "sample"
     ORACLE = "oracle"
+    STOCHASTIC = "stochastic"
+    SWITCH = "switch"
 
 
 FIXED = (Strategy.SAMPLE, Strategy.ORACLE)  # strategies that keep one expert per trajectory
@@ -76,8 +85,14 @@ class Ensemble(nn.Module):
 
     def __init__(self, experts: Sequence[nn.Module], router: Router | None, fields: Fields,
                  strategy: Strategy | str = Strategy.TOP1, top_k: int = 2, assignment: Tensor | None = None,
-                 layout: Layout | None = None, conditions: Conditions | None = None, guidance: float = 1.0):
+                 layout: Layout | None = None, conditions: Conditions | None = None, guidance: float = 1.0,
+                 switch: float = 0.5, router_every: int = 1, generator: torch.Generator | None = None):
         super().__init__()
+        if not 0 <= switch <= 1:
+            raise ValueError(f"switch must lie in [0, 1] (the share of the trajectory under the full mixture), "
+                             f"got {switch}")
+        if router_every < 1:
+            raise ValueError(f"router_every must be >= 1 (call the router every m-th step), got {router_every}")
         if guidance != 1 and not conditions:
             raise ValueError(f"guidance {guidance} needs a domain with conditions; this one has none")
         self.strategy = Strategy(strategy)
@@ -90,6 +105,9 @@ class Ensemble(nn.Module):
         self.experts, self.router, self.fields = nn.ModuleList(experts), router, fields
         self.layout = layout or as_layout(fields)
         self.top_k, self.assignment = top_k, assignment
+        self.switch, self.router_every, self.generator = float(switch), router_every, generator
+        self._posterior: dict[bool, Tensor] = {}  # the router's last answer per pass (conditional or not)
+        self._trace: list[Tensor] = []  # per call, each sample's main expert
         self.conditions, self.guidance = dict(conditions or {}), float(guidance)
         self.evaluations = Evaluations()
         self._routed: Tensor | None = None  # the sum over calls of every sample's expert weights, [B, K]
@@ -112,20 +130,37 @@ class Ensemble(nn.Module):
             raise NonFiniteOutput(f"{'; '.join(bad)}: its weights may be damaged or diverged (retrain it from its "
                                   f"newest intact checkpoint); no samples were written")
 
-    def weights(self, x_t: Batch, t: Tensor) -> Tensor:
-        """w_k(x_t, t) for every sample and expert, [B, K]."""
+    def weights(self, x_t: Batch, t: Tensor, unconditional: bool = False) -> Tensor:
+        """w_k(x_t, t) for every sample and expert, [B, K] (`unconditional`: guidance's second pass)."""
         if self.strategy in FIXED:
             return nn.functional.one_hot(self.assignment.to(t.device), len(self.experts)).to(t.dtype)
         if len(self.experts) == 1:  # a monolith: nothing to route, the router is not called
             return torch.ones(len(t), 1, dtype=t.dtype, device=t.device)
-        self.evaluations.router += len(t)
-        return routing_weights(self.router.posterior(x_t, t).to(t.dtype), self.strategy, self.top_k)
+        posterior = self.posterior(x_t, t, unconditional)
+        if self.strategy is Strategy.STOCHASTIC:
+            drawn = torch.multinomial(posterior.float().cpu(), 1, generator=self.generator).squeeze(1)
+            return nn.functional.one_hot(drawn.to(t.device), len(self.experts)).to(t.dtype)
+        if self.strategy is Strategy.SWITCH:
+            mixed = (t > 1 - self.switch) if self.switch < 1 else torch.ones_like(t, dtype=torch.bool)
+            return torch.where(mixed[:, None], posterior, routing_weights(posterior, Strategy.TOP1))
+        return routing_weights(posterior, self.strategy, self.top_k)
+
+    def posterior(self, x_t: Batch, t: Tensor, unconditional: bool = False) -> Tensor:
+        """p(k | x_t, t) from the router, asked at every `router_every`-th solver call and reused in
+        between (one answer kept per guidance pass)."""
+        last = self._posterior.get(unconditional)
+        if last is None or self._calls % self.router_every == 0 or len(last) != len(t):
+            self.evaluations.router += len(t)
+            last = self._posterior[unconditional] = self.router.posterior(x_t, t).to(t.dtype)
+        return last
 
     def forward(self, x_t: Batch, t: Tensor) -> dict[str, Tensor]:
         conditional = self.mixture(x_t, t)
+        if self.guidance != 1:
+            unconditional = self.mixture(null_conditions(x_t, self.conditions), t, unconditional=True)
+        self._calls += 1
         if self.guidance == 1:
             return conditional
-        unconditional = self.mixture(null_conditions(x_t, self.conditions), t)
         return {name: spec.path.guide(unconditional[name], conditional[name], self.guidance)
                 for name, spec in self.fields.items()}
 
@@ -136,13 +171,19 @@ class Ensemble(nn.Module):
         RK4 grids, so the mean is the trajectory integral of w_k(x_t, t) dt up to the quadrature."""
         if self._routed is None:
             raise RuntimeError("the ensemble has not been called yet")
-        return self._routed / self._calls
+        return self._routed / len(self._trace)
 
-    def mixture(self, x_t: Batch, t: Tensor) -> dict[str, Tensor]:
-        """sum_k w_k(x_t, t) u^(k)(x_t): the routed mixture of the experts' mixable quantities."""
-        w = self.weights(x_t, t)  # [B, K]
-        self._routed = w.detach() if self._routed is None else self._routed + w.detach()
-        self._calls += 1
+    def trace(self) -> Tensor:
+        """Each sample's main expert (the largest weight) at every call, [B, calls]."""
+        return torch.stack(self._trace, dim=1)
+
+    def mixture(self, x_t: Batch, t: Tensor, unconditional: bool = False) -> dict[str, Tensor]:
+        """sum_k w_k(x_t, t) u^(k)(x_t): the routed mixture of the experts' mixable quantities (the
+        conditional pass is what `attribution` and `trace` record)."""
+        w = self.weights(x_t, t, unconditional)  # [B, K]
+        if not unconditional:
+            self._routed = w.detach() if self._routed is None else self._routed + w.detach()
+            self._trace.append(w.detach().argmax(dim=1).cpu())
         mixed: dict[str, Tensor] = {}
         runs = torch.ones_like(w, dtype=torch.bool) if self.strategy is Strategy.FULL else w > 0
         for k, expert in enumerate(self.experts):

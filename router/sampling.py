@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -27,6 +27,7 @@ from archipelago.experts.domain import Domain, Statistics, merge_statistics
 from archipelago.experts.solvers import SOLVERS, Given, draw_prior, integrate
 from archipelago.experts.training import pick_device
 from archipelago.router.ensemble import FIXED, Ensemble, Strategy, draw_assignment
+from archipelago.router.likelihood import LikelihoodRouter
 from archipelago.router.training import Router
 
 
@@ -37,11 +38,18 @@ class SampleRequest(BaseModel):
 
     # The descriptions double as the help text of the command line's flags.
     n: int = Field(16, ge=1, description="number of samples")
-    strategy: Strategy = Field(Strategy.TOP1, description="routing: full, topk, top1, sample, oracle")
+    strategy: Strategy = Field(Strategy.TOP1, description="routing: full, topk, top1, sample, oracle, stochastic, "
+                                                          "switch")
     solver: str = Field("heun", description="ODE solver: euler, heun, rk4")
     steps: int = Field(50, ge=1, description="solver steps from t = 1 to t = 0")
     seed: int = Field(0, description="seeds the priors, the assignment and discrete steps")
     top_k: int = Field(2, ge=1, description="experts per step with strategy topk")
+    switch: float = Field(0.5, ge=0, le=1, description="strategy switch: the share of the trajectory, from the "
+                                                       "noise, under the full mixture before top-1")
+    router_every: int = Field(1, ge=1, description="call the router at every m-th solver call, reusing its answer")
+    router: Literal["trained", "likelihood"] = Field("trained", description="p(k | x_t, t): the trained router, or "
+                                                     "the experts' own likelihoods (no router network)")
+    likelihood_draws: int = Field(8, ge=1, description="router likelihood: noise draws per routing call")
     batch_size: int = Field(1024, ge=1, description="samples integrated at once")
     device: str | None = Field(None, description="torch device; None: CUDA when present, else CPU")
     conditions: dict[str, Any] = Field({}, description="condition name -> one value for all samples, or n values")
@@ -87,6 +95,7 @@ class Generated:
     router_calls_per_sample: float
     assignment: Tensor | None = None  # [n] the expert of each sample (per-trajectory strategies)
     attribution: Tensor | None = None  # [n, K] each expert's weight averaged along the trajectory
+    trace: Tensor | None = None  # [n, calls] the main expert at every solver call (the routing trace)
 
 
 def oracle_assignment(n: int, cluster_sizes: Sequence[int], generator: torch.Generator | None) -> Tensor:
@@ -112,7 +121,11 @@ def check_request(domain: Domain, request: SampleRequest, router: Router | None,
     if request.guidance != 1 and not domain.conditions:
         raise ValueError(f"guidance {request.guidance} needs conditions; the {domain.name} domain has none")
     condition_batch(domain.conditions, request.conditions, request.n)
-    if request.strategy not in FIXED and router is None and cluster_sizes is not None and len(cluster_sizes) > 1:
+    if request.router == "likelihood":
+        if cluster_sizes is None:
+            raise ValueError("router 'likelihood' needs the cluster sizes of the partition")
+        LikelihoodRouter([nn.Identity()] * len(cluster_sizes), domain.fields, cluster_sizes)  # checks the fields
+    elif request.strategy not in FIXED and router is None and cluster_sizes is not None and len(cluster_sizes) > 1:
         raise ValueError(f"strategy {request.strategy.value!r} needs a router; this run has none")
     if request.strategy is Strategy.ORACLE and cluster_sizes is None:
         raise ValueError("strategy 'oracle' needs the cluster sizes of the partition")
@@ -160,7 +173,9 @@ def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router
     check_request(domain, request, router, cluster_sizes, len(experts))
     device = check_device(request.device)
     generator = torch.Generator().manual_seed(request.seed)
-    parts, assignments, attributions, expert_calls, router_calls = [], [], [], 0, 0
+    if request.router == "likelihood":
+        router = LikelihoodRouter(experts, domain.fields, cluster_sizes, request.likelihood_draws, generator)
+    parts, assignments, attributions, traces, expert_calls, router_calls = [], [], [], [], 0, 0
     for start in range(0, request.n, request.batch_size):
         ids = torch.arange(start, min(start + request.batch_size, request.n))
         assignment = _assignment(domain, request, router, cluster_sizes, statistics, ids, generator)
@@ -171,19 +186,22 @@ def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router
         x_1 = {name: value.to(device) for name, value in draw_prior(domain.fields, template, generator).items()}
         ensemble = Ensemble(experts, router, domain.fields, request.strategy, top_k=request.top_k,
                             assignment=None if assignment is None else assignment.to(device), layout=domain.layout,
-                            conditions=domain.conditions, guidance=request.guidance)
+                            conditions=domain.conditions, guidance=request.guidance, switch=request.switch,
+                            router_every=request.router_every, generator=generator)
         out = integrate(ensemble, x_1, domain.fields, request.solver, request.steps, generator, request.progress,
                         given={name: Given(g.values.to(device), g.mask.to(device)) for name, g in given.items()})
         ensemble.check_finite()
         attributions.append(ensemble.attribution().float().cpu())
+        traces.append(ensemble.trace())
         parts.append({name: value.cpu() for name, value in (decode(out) if decode else out).items()})
         assignments.append(assignment)
         expert_calls += ensemble.evaluations.expert
         router_calls += ensemble.evaluations.router + (len(ids) if request.strategy is Strategy.SAMPLE else 0)
+    expert_calls += getattr(router, "expert_calls", 0)  # the likelihood router calls the experts
     return Generated(batch=concat(parts, domain.layout if decode is None else {}), assignment=None
                      if assignments[0] is None else torch.cat(assignments),
                      expert_calls_per_sample=expert_calls / request.n, router_calls_per_sample=router_calls / request.n,
-                     attribution=torch.cat(attributions))
+                     attribution=torch.cat(attributions), trace=torch.cat(traces))
 
 
 def _assignment(domain: Domain, request: SampleRequest, router: Router | None, cluster_sizes: Sequence[int] | None,

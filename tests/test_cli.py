@@ -31,7 +31,7 @@ SETTINGS = {
     "router": TINY,
 }
 COMMANDS = ["fit", "partition", "train-expert", "train-router", "assemble", "sample", "evaluate", "status", "submit",
-            "add-data", "remove-expert"]
+            "add-data", "remove-expert", "diagnose"]
 
 
 def write_settings(folder: Path, text: str | None = None, **changes) -> Path:
@@ -96,6 +96,7 @@ def dry_runs(run_dir: Path, settings: Path, out: Path) -> dict[str, tuple[list[s
         "add-data": (["add-data", "--run-dir", run, "--data", "sines:64", "--new-partitions", "1"],
                      [f"add the records of sines:64 to {run} into 1 new partitions"]),
         "remove-expert": (["remove-expert", "--run-dir", run, "--expert", "1"], [f"delete expert 1 of {run}"]),
+        "diagnose": (["diagnose", "--run-dir", run, "--records", "64"], [f"up to 64 records of {run}"]),
         "submit": (["submit", str(settings), "--address", dashboard], ["submission id: archipelago-", dashboard]),
     }
 

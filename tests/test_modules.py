@@ -180,6 +180,10 @@ def test_each_change_is_a_new_registered_version_of_the_mlflow_model(tmp_path):
     run.add_data(_blobs([2], seed=1), new_partitions=1, **tracked).remove_expert(0, **tracked)
     client = mlflow.MlflowClient(uri)
     assert sorted(int(v.version) for v in client.search_model_versions("name='planted'")) == [1, 2]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    routers = client.search_runs(experiments, "attributes.run_name = 'router'")
+    assert routers and all({"router_calibration.json", "router_calibration.png"}
+                           <= {a.path for a in client.list_artifacts(r.info.run_id)} for r in routers)
     with tracking._tracking_uri(uri):  # MLflow's process-wide URI, restored after
         for version, experts in [(1, 3), (2, 2)]:
             model = mlflow.pyfunc.load_model(f"models:/planted/{version}")
@@ -213,3 +217,25 @@ def _copy(source: Path, target: Path) -> None:
     shutil.copytree(source, target)
     for meta in target.rglob("meta.json"):  # nothing in a run names its absolute path, but be sure
         assert str(source) not in meta.read_text()
+
+
+def test_router_diagnostics_and_coverage_of_a_run(three):
+    run = sdk.load(str(three))
+    table = run.router_diagnostics(records=192)
+    assert list(table["t"])[:2] == [0.05, 0.1] and table["accuracy"].iloc[0] > 0.95
+    assert table["accuracy"].iloc[0] > table["accuracy"].iloc[-1]
+    covered = run.coverage(run.sample(300, strategy="full", steps=30))
+    assert covered["experts"] == [0, 1, 2] and covered["total_variation"] < 0.1
+
+
+def test_the_likelihood_router_of_a_run_is_scored_and_sampled_like_the_trained_one(three):
+    run = sdk.load(str(three))
+    table = run.router_diagnostics(records=96, likelihood_draws=4)
+    assert table["accuracy"].iloc[0] > 0.9  # well separated blobs: known from x_t at small t
+    for strategy in ("full", "stochastic"):
+        out = run.sample(200, strategy=strategy, router="likelihood", likelihood_draws=4, steps=10)
+        assert _shares_of(out.batch["x"].numpy()) == pytest.approx([1 / 3] * 3, abs=0.1), strategy
+
+
+def _shares_of(x: np.ndarray) -> np.ndarray:
+    return np.bincount(((x[:, None, :] - CENTERS[None]) ** 2).sum(-1).argmin(1), minlength=3) / len(x)

@@ -350,6 +350,25 @@ def fdds(
     return _repeat(once, repeats, seed, deterministic=len(real) == len(fake), on_repeat=on_repeat)
 
 
+def roughness(
+    real: np.ndarray,
+    fake: np.ndarray,
+    *,
+    repeats: int = 5,
+    seed: int = 0,
+    on_repeat: OnRepeat | None = None,
+) -> Score:
+    """Roughness: the mean absolute step-to-step change of generated windows over that of the real
+    ones (1: as smooth as the data; above 1: residual high-frequency noise, which a discriminator
+    sees at once). Not a metric of ANCHORS.md: a diagnostic of ours, deterministic (computed once)."""
+    real, fake = _check(real, fake)
+
+    def once(s: int) -> float:
+        return float(np.abs(np.diff(fake, axis=1)).mean() / max(np.abs(np.diff(real, axis=1)).mean(), 1e-12))
+
+    return _repeat(once, repeats, seed, deterministic=True, on_repeat=on_repeat)
+
+
 METRICS: dict[str, Callable[..., Score]] = {
     "context_fid": context_fid,
     "correlational": correlational,
@@ -357,6 +376,7 @@ METRICS: dict[str, Callable[..., Score]] = {
     "predictive": predictive,
     "vds": vds,
     "fdds": fdds,
+    "roughness": roughness,
 }
 
 
