@@ -1,13 +1,17 @@
-"""Benchmark: a monolith against a K-expert decentralized ensemble on time series (Sines, Stocks).
+"""Benchmark: a monolith against a K-expert decentralized ensemble on time series (Sines, Stocks, Energy).
 
 Both get the same total number of training steps (the monolith S steps, each of the K experts
-S / K steps on its own cluster), the same network and the same sampler. Every routing strategy is
-sampled and scored with the metrics of ANCHORS.md (Context-FID, correlational, discriminative,
-predictive, VDS, FDDS: mean +- 95% interval over repeats), with network evaluations per sample.
+S / K steps on its own cluster), the same network and the same sampler. Every routing strategy
+(and the variants of `VARIANTS`: stochastic per step, switch times, router reuse, the likelihood
+router) is sampled and scored with the metrics of ANCHORS.md (Context-FID, correlational,
+discriminative, predictive, VDS, FDDS: mean +- 95% interval over repeats) and our roughness
+diagnostic, with network evaluations per sample, the cluster coverage's total variation, and the
+sampling wall time as a ratio to the monolith's in the same run. The router's accuracy and
+calibration along t are reported per data set.
 
-    python benchmarks/timeseries_ddm.py --datasets sines stocks --total-steps 8000 --out bench.json
+    python benchmarks/timeseries_ddm.py --datasets sines stocks energy --total-steps 8000 --out bench.json
 
-The Stocks file is read from ../shared/data/timeseries/stock_data.csv (override with --stocks).
+Stocks and Energy are read from ../shared/data/timeseries/ (override with --stocks, --energy).
 """
 
 from __future__ import annotations
@@ -26,14 +30,32 @@ from archipelago.domains.timeseries.data import table_to_windows
 from archipelago.platform import sdk
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ("full", "topk", "top1", "sample", "oracle")
-METRICS = ("context_fid", "correlational", "discriminative", "predictive", "vds", "fdds")
+METRICS = ("context_fid", "correlational", "discriminative", "predictive", "vds", "fdds", "roughness")
+# (label, request settings): the strategies of the DDM paper, then those of the routing issue.
+VARIANTS = {
+    "full": {"strategy": "full"},
+    "topk (k=2)": {"strategy": "topk", "top_k": 2},
+    "top1": {"strategy": "top1"},
+    "sample": {"strategy": "sample"},
+    "oracle": {"strategy": "oracle"},
+    "stochastic": {"strategy": "stochastic"},
+    "switch 0.25": {"strategy": "switch", "switch": 0.25},
+    "switch 0.5": {"strategy": "switch", "switch": 0.5},
+    "top1, router every 5": {"strategy": "top1", "router_every": 5},
+    "stochastic, router every 5": {"strategy": "stochastic", "router_every": 5},
+    "stochastic, likelihood router (4 draws)": {"strategy": "stochastic", "router": "likelihood",
+                                                "likelihood_draws": 4},
+}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=["sines", "stocks"], choices=["sines", "stocks"])
+    parser.add_argument("--datasets", nargs="+", default=["sines", "stocks"], choices=["sines", "stocks", "energy"])
     parser.add_argument("--stocks", default=str(ROOT.parent / "shared" / "data" / "timeseries" / "stock_data.csv"))
+    parser.add_argument("--energy", default=str(ROOT.parent / "shared" / "data" / "timeseries" / "energy_data.csv"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="LABEL",
+                        help="the routing rows to sample (default: all)")
+    parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=list(METRICS))
     parser.add_argument("--sines", type=int, default=10_000, help="number of Sines windows")
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--total-steps", type=int, default=8000, help="monolith steps = K x expert steps")
@@ -59,28 +81,34 @@ def fit(source: str, run_dir: Path, experts: int, steps: int, args: argparse.Nam
     return run, time.perf_counter() - start
 
 
-def score(run: sdk.Run, real: np.ndarray, strategy: str, args: argparse.Namespace) -> dict:
+def score(run: sdk.Run, real: np.ndarray, label: str, settings: dict, args: argparse.Namespace,
+          clusters: sdk.Run) -> dict:
+    """One row: sample, then the metrics, the calls, and the coverage of `clusters`' partition."""
     start = time.perf_counter()
-    out = run.sample(args.samples, strategy=strategy, solver=args.solver, steps=args.sampler_steps, seed=1)
+    out = run.sample(args.samples, solver=args.solver, steps=args.sampler_steps, seed=1, **settings)
     sample_s = time.perf_counter() - start
     fake = run.domain.scaled(out.batch)
     start = time.perf_counter()
-    scores = {name: s.__dict__ for name, s in run.domain.evaluate_windows(real, fake, repeats=args.repeats).items()}
-    return {"strategy": strategy, "expert_calls": out.expert_calls_per_sample,
+    scores = {name: s.__dict__ for name, s in
+              run.domain.evaluate_windows(real, fake, metrics=args.metrics, repeats=args.repeats,
+                                          progress=False).items()}
+    return {"strategy": label, "settings": settings, "expert_calls": out.expert_calls_per_sample,
             "router_calls": out.router_calls_per_sample, "sample_s": sample_s,
-            "metric_s": time.perf_counter() - start, "scores": scores}
+            "coverage_tv": clusters.coverage(out)["total_variation"], "metric_s": time.perf_counter() - start,
+            "scores": scores}
 
 
-def row(label: str, result: dict) -> str:
-    cells = [f"{result['scores'][m]['mean']:.4f} ± {result['scores'][m]['interval']:.4f}" for m in METRICS]
+def row(label: str, result: dict, metrics: list[str], monolith_s: float) -> str:
+    cells = [f"{result['scores'][m]['mean']:.4f} ± {result['scores'][m]['interval']:.4f}" for m in metrics]
     calls = f"{result['expert_calls']:.0f} + {result['router_calls']:.0f}"
-    return f"| {label} | {calls} | " + " | ".join(cells) + " |"
+    return (f"| {label} | {calls} | {result['sample_s'] / monolith_s:.2f} | {result['coverage_tv']:.3f} | "
+            + " | ".join(cells) + " |")
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    sources = {"sines": f"sines:{args.sines}", "stocks": args.stocks}
+    sources = {"sines": f"sines:{args.sines}", "stocks": args.stocks, "energy": args.energy}
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                           f"{torch.__version__}, CUDA {torch.cuda.is_available()}", "args": vars(args), "datasets": {}}
     for name in args.datasets:
@@ -90,15 +118,20 @@ def main() -> None:
                          args.total_steps // args.experts, args)
         real = table_to_windows(mono.records()).astype(np.float64)
         entry = {"windows": len(real), "train_s": {"monolith": mono_s, "ddm": ddm_s},
-                 "monolith": score(mono, real, "top1", args),
-                 "ddm": [score(ddm, real, s, args) for s in STRATEGIES]}
+                 "router_calibration": ddm.router_diagnostics().to_dict(orient="records"),
+                 "monolith": score(mono, real, "monolith", {"strategy": "top1"}, args, ddm),
+                 "ddm": [score(ddm, real, label, VARIANTS[label], args, ddm) for label in args.variants]}
         results["datasets"][name] = entry
         print(f"\n{name}: {len(real)} windows; train {mono_s:.0f} s (monolith) / {ddm_s:.0f} s (DDM)")
-        print("| model | expert + router calls / sample | " + " | ".join(METRICS) + " |")
-        print("|---" * (len(METRICS) + 2) + "|")
-        print(row("monolith", entry["monolith"]))
+        print("router: " + ", ".join(f"t={r['t']:.2f} acc {r['accuracy']:.2f} ece {r['ece']:.3f}"
+                                     for r in entry["router_calibration"]))
+        print("| model | expert + router calls / sample | sampling time / monolith's | coverage TV | "
+              + " | ".join(args.metrics) + " |")
+        print("|---" * (len(args.metrics) + 4) + "|")
+        mono_sample_s = entry["monolith"]["sample_s"]
+        print(row("monolith", entry["monolith"], args.metrics, mono_sample_s))
         for result in entry["ddm"]:
-            print(row(f"DDM K={args.experts}, {result['strategy']}", result))
+            print(row(f"DDM K={args.experts}, {result['strategy']}", result, args.metrics, mono_sample_s))
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2))
 

@@ -7,11 +7,16 @@ evaluation, progress read from storage, and submission to a Ray cluster.
     archipelago sample --run-dir runs/sines -n 1000 --strategy top1 --out samples.npy
     archipelago evaluate --run-dir runs/sines --samples samples.npy --metrics correlational
     archipelago submit run.yaml --address http://10.0.0.1:8265 --wait
+    archipelago add-data --run-dir runs/sines --data new.csv --new-partitions 1   # a new expert
+    archipelago remove-expert --run-dir runs/sines --expert 2                     # forget a partition
+    archipelago diagnose --run-dir runs/sines                                     # the router along t
 
 The settings file and its overrides are described in `archipelago.platform.cli_config`. Every
 command takes --help and --dry-run (prints the resolved settings and the plan, writes nothing).
 The step commands (partition, train-expert, train-router, assemble) run one step in this process
-from the run directory, so each can run on any machine that sees the storage.
+from the run directory, so each can run on any machine that sees the storage. The commands that
+write a run take its lease (`archipelago.experts.lease`): a second writer fails naming the holder,
+or waits with --wait.
 
 Exit codes: 0 success; 2 the command line or the settings are wrong (one line naming the key or
 the file; nothing ran); 1 the run could not start or failed (one line: an unreachable Ray address
