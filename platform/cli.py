@@ -147,8 +147,9 @@ def sample(args: argparse.Namespace) -> int:
         print(f"# plan\nsample from {args.run_dir} with {request.model_dump_json(exclude={'given'})}; write {args.out}")
         return 0
     out = run.sample(request)
+    frame = run.attribute(out, args.nearest)  # before anything is written: a failure leaves no files
     sample_files.write(args.out, out, run.domain)
-    attribution = sample_files.write_attribution(args.out, run.attribute(out, args.nearest))
+    attribution = sample_files.write_attribution(args.out, frame)
     print(
         f"wrote {request.n} samples to {args.out} ({request.strategy.value}, {request.solver}, {request.steps} steps); "
         f"evaluations per sample: {out.expert_calls_per_sample:g} expert, {out.router_calls_per_sample:g} router; "

@@ -131,6 +131,19 @@ def test_the_domain_config_round_trips(fitted, name):
     assert sdk.load(run.run_dir).domain.to_config() == config  # what a later process rebuilds
 
 
+@pytest.mark.parametrize("name", BY_NAME)
+def test_samples_are_attributed_and_cover_the_clusters(fitted, name):
+    """Attribution's nearest records and coverage read samples back through `ingest(fit=False)` and
+    `features`: every domain's decoded samples must be data of its own kind."""
+    run = fitted(name)
+    out = run.sample(6, strategy="full", steps=2, seed=1)
+    frame = run.attribute(out, nearest=2)
+    assert len(frame) == 6 and all(len(rows) == 2 for rows in frame["nearest_rows"])
+    assert np.allclose(frame[[c for c in frame if c.startswith("w_")]].sum(axis=1), 1.0, atol=1e-5)
+    assert 0.0 <= run.coverage(out)["total_variation"] <= 1.0
+    assert out.trace.shape[0] == 6
+
+
 @pytest.mark.parametrize("strategy", list(Strategy))
 @pytest.mark.parametrize("name", BY_NAME)
 def test_every_strategy_samples_and_decodes(fitted, name, strategy):

@@ -34,6 +34,15 @@ def pairs(n: int) -> np.ndarray:
     return np.stack([i, j], 1)
 
 
+def _record(graph: nx.Graph) -> dict:
+    """A decoded graph as a record: its node types, edges in `pairs` order, family and density."""
+    n = graph.number_of_nodes()
+    edges = [int(graph.has_edge(int(i), int(j))) for i, j in pairs(n)]
+    family = "ring" if n > 2 and nx.cycle_basis(graph) else "chain"
+    return {"node_type": [graph.nodes[i]["type"] for i in range(n)], "edge_type": edges, "family": family,
+            "density": sum(edges) / max(len(edges), 1)}
+
+
 def toy_graphs(count: int, seed: int = 0) -> list[dict]:
     """Chains and rings: small ones of 3-4 nodes and large ones of 6-7, node types alternating."""
     rng = np.random.default_rng(seed)
@@ -100,7 +109,7 @@ class ToyGraphDomain(Domain):
                 "family": Condition("family", classes=FAMILIES)}
 
     def ingest(self, source, fit=True):
-        return pa.Table.from_pylist(list(source))
+        return pa.Table.from_pylist([_record(item) if isinstance(item, nx.Graph) else item for item in source])
 
     def samples(self, table):
         rows = table.to_pylist()
