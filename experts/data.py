@@ -194,6 +194,28 @@ class Blocked(Samples):
                                    for start, size in zip(starts, self.sizes, strict=True))
 
 
+class Pooled(Samples):
+    """Samples stored in blocks but drawn as one pool: every batch uniformly from all of them, with
+    the blocks' fingerprint. For the router, whose blocks are the partitions' shards: batches from
+    one block would each hold a single cluster, and a router trained on them learns nothing but a
+    drifting prior (on Stocks its p(k | x_t, t) came out the same for every input)."""
+
+    def __init__(self, blocked: Blocked):
+        self.inner = blocked
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def batch(self, ids: Tensor) -> Batch:
+        return self.inner.batch(ids)
+
+    def block_sizes(self) -> list[int]:
+        return [len(self.inner)]
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+
 class StreamedSamples(Samples):
     """Samples read block by block: `load(b)` gives block b (of `sizes[b]` samples, e.g. one
     Parquet shard); only the block read last is held. A batch must lie in one block, as the

@@ -21,9 +21,10 @@ writes only there, a step can run on another machine or cluster, be repeated, or
 resumes from the latest checkpoint. Writers hold leases (`archipelago.experts.lease`): the run's
 own (`run_lease`, taken by a fit, `partition` and `assemble`) and each training's on its folder.
 
-Experts, the router and the codec read their data shard by shard (`StreamedSamples`), or with
-`stream: false` all in memory in the same batches; ingesting and clustering still hold the records
-(an Arrow table) and their features in memory.
+Experts and the codec read their data shard by shard (`StreamedSamples`), or with `stream: false`
+all in memory in the same batches. The router reads all partitions in memory and draws every batch
+from all of them (`Pooled`): its shards are partitions, and one-shard batches teach it nothing.
+Ingesting and clustering also hold the records (an Arrow table) and their features in memory.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from archipelago.experts import storage
 from archipelago.experts.batch import Batch, concat
 from archipelago.experts.checkpoint import DamagedCheckpoint, ema_weights, latest_checkpoint, load_checkpoint
 from archipelago.experts.codec import encode_samples, latent_samples, latents_to_table, load_codec, train_codec
-from archipelago.experts.data import Blocked, Samples, StreamedSamples
+from archipelago.experts.data import Blocked, Pooled, Samples, StreamedSamples
 from archipelago.experts.denoiser import Denoiser
 from archipelago.experts.domain import Domain, Statistics
 from archipelago.experts.lease import LEASE_FILE, Lease
@@ -439,10 +440,14 @@ def _train_router(run_dir: str, on_log: OnLog | None, progress_bar: ProgressBar 
     uris = [uri for k in ids for uri in _training_shards(run_dir, k, len(sizes[k]))]
     labels = torch.cat([torch.full((sum(sizes[k]),), i) for i, k in enumerate(ids)])  # positions among `ids`
     train = config.router.model_copy(update={"seed": derive_seed(config.seed, "router")})
+    # Every batch from all partitions at once, so the router reads its data in memory (`Pooled`).
+    blocks = [n for k in ids for n in sizes[k]]
+    to_samples = _as_samples(run_dir, domain)
+    pooled = Pooled(Blocked(to_samples(pa.concat_tables([read_table(uri) for uri in uris])), blocks))
     return train_router(
         RouterConfig(num_experts=len(ids), train=train),
         domain,
-        _read_blocks(config, uris, _as_samples(run_dir, domain), [n for k in ids for n in sizes[k]]),
+        pooled,
         labels,
         router_dir(run_dir, generation(run_dir)),
         on_log,

@@ -168,3 +168,34 @@ def test_bad_likelihood_routing_is_refused_naming_the_problem():
         LikelihoodRouter([AnalyticExpert(0), raw], FIELDS, [1, 1])
     with pytest.raises(ValidationError, match="likelihood_draws"):
         SampleRequest(router="likelihood", likelihood_draws=0)
+
+
+def test_every_router_batch_holds_every_cluster(tmp_path, monkeypatch):
+    """With one shard per partition, batches drawn shard by shard held one cluster each, and on
+    Stocks the router came out the same for every input; now each batch mixes the partitions."""
+    from archipelago.experts.data import batch_ids
+    from archipelago.platform import sdk, steps
+    from tests.toy_domains import VectorDomain
+
+    seen = {}
+
+    def capture(config, domain, samples, labels, *args, **kwargs):
+        seen.update(samples=samples, labels=labels)
+        raise RuntimeError("captured")
+
+    rng = np.random.default_rng(0)
+    data = np.concatenate([rng.normal(scale=0.5, size=(64, 2)) + c for c in [(-4, 0), (4, 0), (0, 6)]])
+    tiny = {"steps": 2, "batch_size": 32, "warmup_steps": 1, "progress": False}
+    run = sdk.fit(data.astype(np.float32), str(tmp_path / "run"), domain=VectorDomain(), experts=3, expert=tiny,
+                  router=tiny, stream=True)
+    monkeypatch.setattr(steps, "train_router", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        steps.train_router_step(run.run_dir)
+    samples, labels = seen["samples"], seen["labels"]
+    generator = torch.Generator().manual_seed(0)
+    for step in range(20):
+        ids = batch_ids(samples.block_sizes(), step, 32, generator, 0)
+        assert len(labels[ids].unique()) == 3, step
+    records = np.concatenate([steps.expert_records(run.run_dir, k)["x"].to_pylist() for k in range(3)])
+    assert np.array_equal(samples.batch(torch.arange(len(labels)))["x"].numpy(), records.astype(np.float32))
+    assert labels.tolist() == [k for k in range(3) for _ in range(len(steps.expert_records(run.run_dir, k)))]
