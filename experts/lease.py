@@ -195,7 +195,7 @@ def _token_of(body: bytes) -> str:
     try:
         return json.loads(body.decode())["token"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        return ""  # unreadable: treated as a lease of no one, stale once it is old
+        return ""  # unreadable: a lease of no one, taken over at once (a live holder always writes JSON)
 
 
 def _store(folder: str) -> _LocalStore | _S3Store | None:

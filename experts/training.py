@@ -202,11 +202,11 @@ def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: Tr
             ids = batch_ids(blocks, step, config.batch_size, generators["data"], config.seed)
             batch = {name: value.to(device) for name, value in samples.batch(ids).items()}
             loss = loss_fn(model, batch, generators["noise"])
-            last_loss = loss.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
-            _check_finite(last_loss, norm, f"{description}: at step {step + 1}", uri)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            last_loss, last_norm = torch.stack([loss.detach(), norm.to(loss.dtype)]).tolist()  # one device sync
+            _check_finite(last_loss, last_norm, f"{description}: at step {step + 1}", uri)
             optimizer.step()
             decay = _ema_decay_at(step, config)
             with torch.no_grad():

@@ -34,10 +34,10 @@ import pyarrow as pa
 from sklearn.neighbors import NearestNeighbors
 
 from archipelago.experts import storage
-from archipelago.experts.checkpoint import latest_checkpoint
-from archipelago.experts.lease import holder
+from archipelago.experts.domain import Domain
 from archipelago.platform import runner, steps, versions
 from archipelago.platform.config import RunConfig
+from archipelago.platform.status import run_status
 from archipelago.router import diagnostics
 from archipelago.router.partition import Partition, kmeans_partition
 
@@ -62,25 +62,25 @@ def add_data(run_dir: str, source: Any, new_partitions: int = 0, extra_steps: in
     config, domain = steps.load_config(run_dir), steps.load_domain(run_dir)
     runner.preflight(config, run_dir, launch, domain)
     with steps.run_lease(run_dir, "archipelago add-data", launch.wait):
-        check_settled(run_dir, config)
+        check_settled(run_dir)
         table = domain.ingest(source, fit=False)  # matched to the run's fitted state, by name
         if table.num_rows == 0:
             raise ValueError("the new data holds no records")
-        summary = storage.read_json(storage.join(run_dir, steps.PARTITION_FILE))
+        summary = steps.read_summary(run_dir)
         grow = _new_partitions if new_partitions else _into_clusters
-        changed = grow(run_dir, config, summary, table, new_partitions, extra_steps)
+        changed = grow(run_dir, config, domain, summary, table, new_partitions, extra_steps)
         steps.append_records(run_dir, table)
         summary["added"] = [*summary.get("added", []), {"records": table.num_rows, "experts": changed, "at": _now()}]
         _next_generation(run_dir, summary)
         return _train_and_assemble(config, run_dir, launch)
 
 
-def _into_clusters(run_dir: str, config: RunConfig, summary: dict[str, Any], table: pa.Table, _: int,
+def _into_clusters(run_dir: str, config: RunConfig, domain: Domain, summary: dict[str, Any], table: pa.Table, _: int,
                    extra_steps: int | None) -> list[int]:
     """Assign the records to the nearest saved centroid of a present expert and append them to its
     partition; the experts that received records (they continue training on their grown data)."""
-    ids = steps.expert_ids(run_dir)
-    z = _standardized(run_dir, steps.load_domain(run_dir).features(table), summary)
+    ids = steps.ids_of(summary)
+    z = _standardized(domain.features(table), summary)
     centroids = np.asarray(summary["centroids"])[ids]
     labels = np.asarray(ids)[((z[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)]
     grown = []
@@ -89,54 +89,59 @@ def _into_clusters(run_dir: str, config: RunConfig, summary: dict[str, Any], tab
         if part.num_rows == 0:
             continue
         old = summary["sizes"][k]
-        target = steps.expert_steps(run_dir, config, k)
+        target = steps.steps_of(summary, config, k)
         extra = extra_steps or max(1, math.ceil(target * part.num_rows / old))  # the same steps per record
-        _append(run_dir, summary, k, part)
+        _append(run_dir, domain, summary, k, part)
         summary.setdefault("expert_steps", {})[str(k)] = target + extra
         summary["grown"] = sorted({*summary.get("grown", []), k})
         grown.append(k)
     return grown
 
 
-def _new_partitions(run_dir: str, config: RunConfig, summary: dict[str, Any], table: pa.Table, count: int,
+def _new_partitions(run_dir: str, config: RunConfig, domain: Domain, summary: dict[str, Any], table: pa.Table,
+                    count: int,
                     extra_steps: int | None) -> list[int]:
     """Cluster the records into `count` new partitions with new experts; their ids."""
     if count > table.num_rows:
         raise ValueError(f"new_partitions={count} is more than the {table.num_rows} new records")
-    features = steps.load_domain(run_dir).features(table)
+    features = domain.features(table)
     p = config.partition
     labels = kmeans_partition(features, count, seed=config.seed, balanced=p.balanced, slack=p.slack,
                               min_size=p.min_size).labels
-    z = _standardized(run_dir, features, summary)
-    present, added = steps.expert_ids(run_dir), []
+    z = _standardized(features, summary)
+    present, added = steps.ids_of(summary), []
     for c in range(count):
         k, part = len(summary["sizes"]), table.filter(pa.array(labels == c))
         summary["centroids"].append(z[labels == c].mean(axis=0).tolist())  # in the run's standardized space
         summary["sizes"].append(0)
         summary["shards"].append([])
         summary["statistics"].append({})
-        _append(run_dir, summary, k, part)
+        _append(run_dir, domain, summary, k, part)
         summary["experts"] = [*present, *added, k]
         summary.setdefault("expert_steps", {})[str(k)] = extra_steps or config.expert.steps
         added.append(k)
     return added
 
 
-def _append(run_dir: str, summary: dict[str, Any], k: int, part: pa.Table) -> None:
+def _append(run_dir: str, domain: Domain, summary: dict[str, Any], k: int, part: pa.Table) -> None:
     """Append records to partition k and update its sizes, shards and statistics in `summary`."""
     summary["shards"][k] = [*summary["shards"][k], *steps.append_partition(run_dir, k, part,
                                                                            len(summary["shards"][k]))]
     summary["sizes"][k] += part.num_rows
-    summary["statistics"][k] = steps.load_domain(run_dir).statistics(steps.expert_records(run_dir, k))
+    summary["statistics"][k] = domain.statistics(steps.expert_records(run_dir, k))
 
 
-def _standardized(run_dir: str, features: np.ndarray, summary: dict[str, Any]) -> np.ndarray:
+def _standardized(features: np.ndarray, summary: dict[str, Any]) -> np.ndarray:
     """Features standardized as the partition's were; other data (another width) is an error."""
-    mean = np.asarray(summary["mean"])
-    if features.ndim != 2 or features.shape[1] != len(mean):
+    _check_width(features, summary)
+    return (features - np.asarray(summary["mean"])) / np.asarray(summary["scale"])
+
+
+def _check_width(features: np.ndarray, summary: dict[str, Any]) -> None:
+    width = len(summary["mean"])
+    if features.ndim != 2 or features.shape[1] != width:
         raise ValueError(f"the records have features of shape {features.shape[1:]}, the run's partition has "
-                         f"{len(mean)}: they are not data of this run's domain and settings")
-    return (features - mean) / np.asarray(summary["scale"])
+                         f"{width}: they are not data of this run's domain and settings")
 
 
 def remove_expert(run_dir: str, k: int, launch: runner.Launch = IN_PROCESS
@@ -150,8 +155,8 @@ def remove_expert(run_dir: str, k: int, launch: runner.Launch = IN_PROCESS
         raise ValueError(f"expert {k} is the run's last expert: an ensemble needs at least one")
     runner.preflight(config, run_dir, launch)
     with steps.run_lease(run_dir, "archipelago remove-expert", launch.wait):
-        check_settled(run_dir, config)
-        summary = storage.read_json(storage.join(run_dir, steps.PARTITION_FILE))
+        check_settled(run_dir)
+        summary = steps.read_summary(run_dir)
         rows = steps.expert_records(run_dir, k)
         dropped = steps.drop_records(run_dir, rows)
         for folder in _routers_trained_with(run_dir, k):
@@ -173,22 +178,19 @@ def _routers_trained_with(run_dir: str, k: int) -> list[str]:
     k, and the current generation's."""
     folders = {steps.router_dir(run_dir, steps.generation(run_dir))}
     for saved in versions.history(run_dir):
-        if k in saved.get("expert_ids", range(len(saved["experts"]))) and saved.get("router"):
+        if k in versions.expert_ids_of(saved) and saved.get("router"):
             folders.add(storage.join(run_dir, *saved["router"][:-1]))
     return sorted(folders)
 
 
-def check_settled(run_dir: str, config: RunConfig) -> None:
+def check_settled(run_dir: str) -> None:
     """Raise RunBusy unless every expert reached its steps and no training holds a lease."""
-    for k in steps.expert_ids(run_dir):
-        folder, target = steps.expert_dir(run_dir, k), steps.expert_steps(run_dir, config, k)
-        writer = holder(folder)
-        if writer is not None:
-            raise RunBusy(f"expert {k} is being trained by {writer.describe()}: wait until it is done")
-        latest = latest_checkpoint(folder)
-        step = storage.read_json(storage.join(latest, "meta.json"))["step"] if latest else 0
-        if step < target:
-            raise RunBusy(f"expert {k} is still training (step {step} of {target}): finish the fit first")
+    for expert in run_status(run_dir)["experts"]:
+        if expert["writer"] is not None:
+            raise RunBusy(f"expert {expert['expert']} is being trained by {expert['writer']}: wait until it is done")
+        if expert["state"] != "done":
+            raise RunBusy(f"expert {expert['expert']} is still training (step {expert['step'] or 0} of "
+                          f"{expert['steps']}): finish the fit first")
 
 
 def _next_generation(run_dir: str, summary: dict[str, Any]) -> None:
@@ -209,12 +211,12 @@ def coverage(run_dir: str, items: Any, version: int | None = None) -> dict[str, 
     """Cluster coverage of generated items (the domain's objects) over the experts of an ensemble
     version (`archipelago.router.diagnostics.coverage`), with the experts' ids."""
     domain, saved = steps.load_domain(run_dir), versions.load(run_dir, version)
-    summary = storage.read_json(storage.join(run_dir, steps.PARTITION_FILE))
-    ids = saved.get("expert_ids", list(range(len(saved["experts"]))))
+    summary = steps.read_summary(run_dir)
+    ids = versions.expert_ids_of(saved)
     clusters = Partition(np.zeros(0, int), np.asarray(summary["centroids"])[ids], np.asarray(summary["mean"]),
                          np.asarray(summary["scale"]))
     features = domain.features(domain.ingest(items, fit=False))
-    _standardized(run_dir, features, summary)  # the same feature width as the partition's, or an error
+    _check_width(features, summary)
     return {"experts": ids, **diagnostics.coverage(features, clusters, saved["cluster_sizes"])}
 
 
@@ -231,12 +233,12 @@ def attribute(run_dir: str, generated: Samples, nearest: int = 3) -> pd.DataFram
     if nearest < 1:
         return frame
     domain = steps.load_domain(run_dir)
-    summary = storage.read_json(storage.join(run_dir, steps.PARTITION_FILE))
-    z = _standardized(run_dir, domain.features(domain.ingest(generated.items, fit=False)), summary)
+    summary = steps.read_summary(run_dir)
+    z = _standardized(domain.features(domain.ingest(generated.items, fit=False)), summary)
     rows, distances = [None] * len(z), [None] * len(z)
     for k in np.unique(main):
         mine = np.flatnonzero(main == k)
-        records = _standardized(run_dir, domain.features(steps.expert_records(run_dir, int(k))), summary)
+        records = _standardized(domain.features(steps.expert_records(run_dir, int(k))), summary)
         index = NearestNeighbors(n_neighbors=min(nearest, len(records))).fit(records)
         found_distances, found = index.kneighbors(z[mine])
         for i, d, r in zip(mine, found_distances, found, strict=True):

@@ -31,23 +31,22 @@ def _writer(folder: str) -> str | None:
 def run_status(run_dir: str) -> dict[str, Any]:
     """What storage says about a run (see the module docstring), as a JSON-ready dict."""
     config = steps.load_config(run_dir)
-    partition = storage.join(run_dir, steps.PARTITION_FILE)
-    partitioned = storage.exists(partition)
+    partitioned = storage.exists(storage.join(run_dir, steps.PARTITION_FILE))
+    # Before partitioning, the summary's defaults: experts 0..K-1 at the run's steps, generation 0.
+    summary = steps.read_summary(run_dir) if partitioned else {"sizes": [0] * config.experts}
     return {
         "run_dir": run_dir,
         "domain": config.domain,
-        "partition_sizes": storage.read_json(partition)["sizes"] if partitioned else None,
+        "partition_sizes": summary["sizes"] if partitioned else None,
         "experts": [
             {
                 "expert": k,
                 "island": config.placement_of(k).island,
-                **_progress(steps.expert_dir(run_dir, k),
-                            steps.expert_steps(run_dir, config, k) if partitioned else config.expert.steps),
+                **_progress(steps.expert_dir(run_dir, k), steps.steps_of(summary, config, k)),
             }
-            for k in (steps.expert_ids(run_dir) if partitioned else range(config.experts))
+            for k in steps.ids_of(summary)
         ],
-        "router": _progress(steps.router_dir(run_dir, steps.generation(run_dir) if partitioned else 0),
-                            config.router.steps),
+        "router": _progress(steps.router_dir(run_dir, steps.generation_of(summary)), config.router.steps),
         "versions": [{key: v.get(key) for key in ("version", "expert_ids", "change", "at", "withdrawn")}
                      for v in versions.history(run_dir)],
         "assembled": storage.exists(storage.join(run_dir, steps.ENSEMBLE_FILE)),

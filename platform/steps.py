@@ -234,9 +234,10 @@ def partition(run_dir: str) -> dict[str, Any]:
     done = storage.join(run_dir, PARTITION_FILE)
     if storage.exists(done):
         summary = storage.read_json(done)
-        missing = [k for k in expert_ids(run_dir) if not all(storage.exists(_shard(_data_dir(run_dir, k), i))
-                                                             for i in range(len(_shard_sizes(run_dir)[k])))]
-        if missing and summary.get("generation", 0):
+        shards = shards_of(summary)
+        missing = [k for k in ids_of(summary) if not all(storage.exists(_shard(_data_dir(run_dir, k), i))
+                                                         for i in range(len(shards[k])))]
+        if missing and generation_of(summary):
             raise RunConflict(f"partitions {missing} of {run_dir} are missing and cannot be rebuilt: the run's "
                               f"partitions changed since clustering (add-data or remove-expert)")
         if missing:
@@ -272,8 +273,9 @@ def encode(run_dir: str, on_log: OnLog | None = None) -> dict[str, Any] | None:
         return storage.read_json(done)
     config = load_config(run_dir)
     train = config.codec.model_copy(update={"seed": derive_seed(config.seed, "codec")})
-    sizes = _shard_sizes(run_dir)
-    shards = [(k, i) for k in expert_ids(run_dir) for i in range(len(sizes[k]))]
+    summary = read_summary(run_dir)
+    sizes = shards_of(summary)
+    shards = [(k, i) for k in ids_of(summary) for i in range(len(sizes[k]))]
     records = _read_blocks(config, [_shard(_data_dir(run_dir, k), i) for k, i in shards], domain.samples,
                            [sizes[k][i] for k, i in shards])
     result = train_codec(train, domain, records, codec_dir(run_dir), on_log)
@@ -343,10 +345,18 @@ def _data_dir(run_dir: str, k: int) -> str:
     return storage.join(run_dir, "data", f"expert={k}")
 
 
+def read_summary(run_dir: str) -> dict[str, Any]:
+    """partition.json: the partition summary that the readers below take apart (read it once)."""
+    return storage.read_json(storage.join(run_dir, PARTITION_FILE))
+
+
 def _shard_sizes(run_dir: str) -> list[list[int]]:
+    return shards_of(read_summary(run_dir))
+
+
+def shards_of(summary: dict[str, Any]) -> list[list[int]]:
     """The sizes of every partition's shards (one shard each in runs partitioned before shards were
     recorded)."""
-    summary = storage.read_json(storage.join(run_dir, PARTITION_FILE))
     return summary.get("shards") or [[size] for size in summary["sizes"]]
 
 
@@ -382,25 +392,35 @@ def _as_samples(run_dir: str, domain: Domain) -> Callable[[pa.Table], Samples]:
 
 
 def expert_ids(run_dir: str) -> list[int]:
+    return ids_of(read_summary(run_dir))
+
+
+def ids_of(summary: dict[str, Any]) -> list[int]:
     """The run's experts now: 0..K-1 as partitioned, then as add-data and remove-expert changed them."""
-    summary = storage.read_json(storage.join(run_dir, PARTITION_FILE))
     return summary.get("experts", list(range(len(summary["sizes"]))))
 
 
 def generation(run_dir: str) -> int:
+    return generation_of(read_summary(run_dir))
+
+
+def generation_of(summary: dict[str, Any]) -> int:
     """How many times add-data or remove-expert changed the partitions (0: as partitioned)."""
-    return storage.read_json(storage.join(run_dir, PARTITION_FILE)).get("generation", 0)
+    return summary.get("generation", 0)
 
 
 def expert_steps(run_dir: str, config: RunConfig, k: int) -> int:
+    return steps_of(read_summary(run_dir), config, k)
+
+
+def steps_of(summary: dict[str, Any], config: RunConfig, k: int) -> int:
     """Expert k's training steps: the run's, or more for an expert whose partition grew."""
-    summary = storage.read_json(storage.join(run_dir, PARTITION_FILE))
     return summary.get("expert_steps", {}).get(str(k), config.expert.steps)
 
 
-def check_expert(run_dir: str, k: int) -> None:
+def check_expert(run_dir: str, k: int, summary: dict[str, Any] | None = None) -> None:
     """Raise ValueError unless expert k is one of the run's experts."""
-    ids = expert_ids(run_dir)
+    ids = ids_of(summary or read_summary(run_dir))
     if k not in ids:
         raise ValueError(f"expert {k} does not exist: the run's experts are {ids}")
 
@@ -415,12 +435,11 @@ def train_expert_step(run_dir: str, k: int, on_log: OnLog | None = None,
                       progress_bar: ProgressBar | None = None, wait: bool | float = False) -> TrainResult:
     """Train (or resume) expert k on its own partition, holding the lease of its folder (`wait` as
     in `Lease`)."""
-    config, domain = load_config(run_dir), load_domain(run_dir)
-    check_expert(run_dir, k)
+    config, domain, summary = load_config(run_dir), load_domain(run_dir), read_summary(run_dir)
+    check_expert(run_dir, k, summary)
     train = config.expert.model_copy(update={"seed": derive_seed(config.seed, "expert", k),
-                                             "steps": expert_steps(run_dir, config, k)})
+                                             "steps": steps_of(summary, config, k)})
     expert = ExpertConfig(partition=k, prediction=config.prediction, train=train)
-    summary = storage.read_json(storage.join(run_dir, PARTITION_FILE))
     with Lease(expert_dir(run_dir, k), f"training expert {k}", wait):
         return train_expert(expert, domain, expert_samples(run_dir, k, domain), expert_dir(run_dir, k), on_log,
                             summary["statistics"][k], progress_bar, new_data=k in summary.get("grown", []))
@@ -430,13 +449,16 @@ def train_router_step(run_dir: str, on_log: OnLog | None = None, progress_bar: P
                       wait: bool | float = False) -> TrainResult:
     """Train (or resume) the router on every partition's records with their cluster labels, holding
     the lease of its folder."""
-    with Lease(router_dir(run_dir, generation(run_dir)), "training the router", wait):
-        return _train_router(run_dir, on_log, progress_bar)
+    summary = read_summary(run_dir)
+    folder = router_dir(run_dir, generation_of(summary))
+    with Lease(folder, "training the router", wait):
+        return _train_router(run_dir, summary, folder, on_log, progress_bar)
 
 
-def _train_router(run_dir: str, on_log: OnLog | None, progress_bar: ProgressBar | None) -> TrainResult:
+def _train_router(run_dir: str, summary: dict[str, Any], folder: str, on_log: OnLog | None,
+                  progress_bar: ProgressBar | None) -> TrainResult:
     config, domain = load_config(run_dir), load_domain(run_dir)
-    sizes, ids = _shard_sizes(run_dir), expert_ids(run_dir)
+    sizes, ids = shards_of(summary), ids_of(summary)
     uris = [uri for k in ids for uri in _training_shards(run_dir, k, len(sizes[k]))]
     labels = torch.cat([torch.full((sum(sizes[k]),), i) for i, k in enumerate(ids)])  # positions among `ids`
     train = config.router.model_copy(update={"seed": derive_seed(config.seed, "router")})
@@ -449,7 +471,7 @@ def _train_router(run_dir: str, on_log: OnLog | None, progress_bar: ProgressBar 
         domain,
         pooled,
         labels,
-        router_dir(run_dir, generation(run_dir)),
+        folder,
         on_log,
         progress_bar,
     )
@@ -458,21 +480,21 @@ def _train_router(run_dir: str, on_log: OnLog | None, progress_bar: ProgressBar 
 def assemble(run_dir: str) -> dict[str, Any]:
     """Record the ensemble of the experts' and the current router's newest checkpoints as a version
     (a new one only when it changed; see `archipelago.platform.versions`) and return it."""
-    ids, g = expert_ids(run_dir), generation(run_dir)
+    summary = read_summary(run_dir)
+    ids, g = ids_of(summary), generation_of(summary)
     experts = {k: latest_checkpoint(expert_dir(run_dir, k)) for k in ids}
     missing = [k for k, uri in experts.items() if uri is None]
     if missing:
         raise FileNotFoundError(f"experts {missing} of {run_dir} have no checkpoint: train them first")
+    verified = {k: _intact(uri, run_dir, k) for k, uri in experts.items()}
     router = latest_checkpoint(router_dir(run_dir, g))
-    for k, uri in [*experts.items(), (None, router)]:
-        if uri is not None:
-            _intact(uri, run_dir, k)
-    summary = storage.read_json(storage.join(run_dir, PARTITION_FILE))
+    if router is not None:
+        _intact(router, run_dir, None)
     latents = storage.join(run_dir, LATENTS_FILE)
     ensemble = {
         "expert_ids": ids,
         "experts": [["experts", f"expert-{k}", storage.base_name(experts[k])] for k in ids],
-        "fingerprints": [storage.read_json(storage.join(experts[k], "meta.json"))["data_fingerprint"] for k in ids],
+        "fingerprints": [verified[k].meta["data_fingerprint"] for k in ids],
         "cluster_sizes": [summary["sizes"][k] for k in ids],
         "statistics": [summary["statistics"][k] for k in ids],
         "codec": storage.read_json(latents)["codec"] if storage.exists(latents) else None,
@@ -505,7 +527,7 @@ class LoadedEnsemble:
 def load_ensemble(run_dir: str, device: str | torch.device = "cpu", version: int | None = None) -> LoadedEnsemble:
     """Rebuild an assembled ensemble from the run directory: its newest version, or `version`."""
     saved, domain, config = versions.load(run_dir, version), load_domain(run_dir), load_config(run_dir)
-    ids = saved.get("expert_ids", list(range(len(saved["experts"]))))
+    ids = versions.expert_ids_of(saved)
     experts = []
     for k, parts in zip(ids, saved["experts"], strict=True):
         net = domain.denoiser_network()
@@ -513,9 +535,7 @@ def load_ensemble(run_dir: str, device: str | torch.device = "cpu", version: int
         experts.append(Denoiser(net, domain.fields, config.prediction).to(device).eval())
     router = None
     if saved["router"] is not None:
-        router = Router(domain.router_network(len(ids)), domain.fields)
-        router.load_state_dict(_intact(storage.join(run_dir, *saved["router"]), run_dir, None, ema=True))
-        router = router.to(device).eval()
+        router = _load_router(run_dir, domain, len(ids), storage.join(run_dir, *saved["router"])).to(device)
     decode = None
     if saved.get("codec"):
         decode = _decoder(domain, load_codec(domain, storage.join(run_dir, *saved["codec"]), device))
@@ -529,24 +549,31 @@ def router_diagnostics(run_dir: str, records: int = 2048, seed: int = 0,
     """The current router's accuracy and calibration along t (`router.diagnostics.router_calibration`)
     on up to `records` of the run's records, drawn from every partition in proportion to its size;
     with `likelihood_draws`, those of the assembled experts' likelihood router instead."""
-    domain, ids, sizes = load_domain(run_dir), expert_ids(run_dir), _shard_sizes(run_dir)
+    domain, summary = load_domain(run_dir), read_summary(run_dir)
+    ids, sizes = ids_of(summary), shards_of(summary)
     if likelihood_draws is not None:
         ensemble = load_ensemble(run_dir)
         router = LikelihoodRouter(ensemble.experts, domain.fields, ensemble.cluster_sizes, likelihood_draws,
                                   torch.Generator().manual_seed(seed))
     else:
-        checkpoint = latest_checkpoint(router_dir(run_dir, generation(run_dir)))
+        checkpoint = latest_checkpoint(router_dir(run_dir, generation_of(summary)))
         if checkpoint is None:
             raise FileNotFoundError(f"{run_dir} has no trained router yet")
-        router = Router(domain.router_network(len(ids)), domain.fields)
-        router.load_state_dict(_intact(checkpoint, run_dir, None, ema=True))
+        router = _load_router(run_dir, domain, len(ids), checkpoint)
     total, generator, parts, labels = sum(sum(sizes[k]) for k in ids), torch.Generator().manual_seed(seed), [], []
     for i, k in enumerate(ids):
         size = sum(sizes[k])
         take = torch.randperm(size, generator=generator)[: max(1, round(records * size / total))].sort().values
         parts.append(expert_samples(run_dir, k, domain).batch(take))
         labels.append(torch.full((len(take),), i))
-    return router_calibration(router.eval(), domain.fields, concat(parts, domain.layout), torch.cat(labels), seed=seed)
+    return router_calibration(router, domain.fields, concat(parts, domain.layout), torch.cat(labels), seed=seed)
+
+
+def _load_router(run_dir: str, domain: Domain, num_experts: int, checkpoint: str) -> Router:
+    """The router of a checkpoint, its EMA weights verified, in eval mode."""
+    router = Router(domain.router_network(num_experts), domain.fields)
+    router.load_state_dict(_intact(checkpoint, run_dir, None, ema=True))
+    return router.eval()
 
 
 def _intact(checkpoint: str, run_dir: str, k: int | None, ema: bool = False) -> Any:

@@ -31,6 +31,11 @@ def _uri(run_dir: str, version: int) -> str:
     return storage.join(run_dir, VERSIONS_DIR, f"v{version}.json")
 
 
+def expert_ids_of(version: dict[str, Any]) -> list[int]:
+    """The run's expert id of each expert of a version (0..K-1 before versions recorded them)."""
+    return version.get("expert_ids", list(range(len(version["experts"]))))
+
+
 def numbers(run_dir: str) -> list[int]:
     """The run's version numbers, oldest first."""
     names = storage.list_dir(storage.join(run_dir, VERSIONS_DIR))
@@ -65,7 +70,7 @@ def change(previous: dict[str, Any] | None, new: dict[str, Any]) -> str:
     """What `new` changes from `previous`, in words."""
     if previous is None:
         return "first assembly"
-    before = dict(zip(previous.get("expert_ids", range(len(previous["experts"]))), previous["experts"], strict=True))
+    before = dict(zip(expert_ids_of(previous), previous["experts"], strict=True))
     after = dict(zip(new["expert_ids"], new["experts"], strict=True))
     added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
     trained = sorted(k for k in set(after) & set(before) if after[k] != before[k])
@@ -98,7 +103,7 @@ def withdraw(run_dir: str, expert: int, reason: str) -> list[int]:
     """Mark every version holding `expert` withdrawn; their numbers."""
     withdrawn = []
     for saved in history(run_dir):
-        if expert in saved.get("expert_ids", range(len(saved["experts"]))) and not saved.get("withdrawn"):
+        if expert in expert_ids_of(saved) and not saved.get("withdrawn"):
             storage.write_json(_uri(run_dir, saved["version"]), {**saved, "withdrawn": reason})
             withdrawn.append(saved["version"])
     return withdrawn
