@@ -86,6 +86,15 @@ def _steps(x_1: Batch, grid: Tensor, fields: Fields):
         yield t.expand(b).clone(), t_next.expand(b).clone()
 
 
+def _onto_data(t_next: Tensor) -> bool:
+    """Whether a step ends on the data (t = 0). There the velocity's target is the noise itself,
+    which no network can predict from clean data, so evaluating the model at t = 0 adds that
+    unpredictable part to the sample as high-frequency noise. Like EDM's sampler (Karras et al.
+    2022, Algorithm 1), the higher-order solvers take their last step onto t = 0 as an Euler step:
+    the denoised estimate x_t - t v(x_t, t) itself. RK4's last step keeps its order without t = 0."""
+    return bool((t_next == 0).all())
+
+
 def euler(model: Model, x_1: Batch, grid: Tensor, generator: torch.Generator | None = None,
           fields: Fields | None = None, given: Mapping[str, Given] | None = None) -> Batch:
     """Explicit Euler: one model call per step (first order)."""
@@ -98,12 +107,15 @@ def euler(model: Model, x_1: Batch, grid: Tensor, generator: torch.Generator | N
 
 def heun(model: Model, x_1: Batch, grid: Tensor, generator: torch.Generator | None = None,
          fields: Fields | None = None, given: Mapping[str, Given] | None = None) -> Batch:
-    """Heun's method (explicit trapezoid): two model calls per step (second order)."""
+    """Heun's method (explicit trapezoid): two model calls per step (second order), one on the last."""
     fields = fields or _euclidean(x_1)
     x = impose(x_1, given)
     for t, t_next in _steps(x_1, grid, fields):
         v_t = model(x, t)
         x_euler = _advance(fields, x, v_t, t, t_next, generator, given)
+        if _onto_data(t_next):
+            x = x_euler
+            continue
         v_next = model(x_euler, t_next)
         x = _advance(fields, x, _combine((0.5, 0.5), (v_t, v_next)), t, t_next, generator, given)
     return x
@@ -111,12 +123,19 @@ def heun(model: Model, x_1: Batch, grid: Tensor, generator: torch.Generator | No
 
 def rk4(model: Model, x_1: Batch, grid: Tensor, generator: torch.Generator | None = None,
         fields: Fields | None = None, given: Mapping[str, Given] | None = None) -> Batch:
-    """The classical fourth-order Runge-Kutta method: four model calls per step."""
+    """The classical fourth-order Runge-Kutta method: four model calls per step; the last step, which
+    must not evaluate at t = 0, is Heun's third-order method (three calls, fourth order kept overall)."""
     fields = fields or _euclidean(x_1)
     x = impose(x_1, given)
     for t, t_next in _steps(x_1, grid, fields):
         t_mid = 0.5 * (t + t_next)
         k1 = model(x, t)
+        if _onto_data(t_next):  # Heun's third-order method: stages at 0, 1/3 and 2/3 of the step
+            k2 = model(_advance(fields, x, k1, t, t + (t_next - t) / 3, generator, given), t + (t_next - t) / 3)
+            t_two_thirds = t + 2 * (t_next - t) / 3
+            k3 = model(_advance(fields, x, k2, t, t_two_thirds, generator, given), t_two_thirds)
+            x = _advance(fields, x, _combine((0.25, 0.75), (k1, k3)), t, t_next, generator, given)
+            continue
         k2 = model(_advance(fields, x, k1, t, t_mid, generator, given), t_mid)
         k3 = model(_advance(fields, x, k2, t, t_mid, generator, given), t_mid)
         k4 = model(_advance(fields, x, k3, t, t_next, generator, given), t_next)
@@ -128,6 +147,12 @@ def rk4(model: Model, x_1: Batch, grid: Tensor, generator: torch.Generator | Non
 # The solvers by name (feeds the SDK's and the command line's choices), with model calls per step.
 SOLVERS: dict[str, Solver] = {"euler": euler, "heun": heun, "rk4": rk4}
 CALLS_PER_STEP: dict[str, int] = {"euler": 1, "heun": 2, "rk4": 4}
+CALLS_ON_LAST_STEP: dict[str, int] = {"euler": 1, "heun": 1, "rk4": 3}  # the step onto t = 0
+
+
+def model_calls(solver: str, steps: int) -> int:
+    """Model calls of `steps` steps of a named solver on a grid that ends at t = 0."""
+    return (steps - 1) * CALLS_PER_STEP[solver] + CALLS_ON_LAST_STEP[solver]
 
 
 def draw_prior(fields: Fields, template: Batch, generator: torch.Generator | None = None) -> Batch:
@@ -147,7 +172,7 @@ def integrate(model: Model, x_1: Batch, fields: Fields, solver: str = "heun", st
     floats = [x_1[name] for name in sorted(fields) if x_1[name].is_floating_point()]
     dtype = floats[0].dtype if floats else torch.float32
     grid = time_grid(steps, dtype=dtype, device=x_1[sorted(fields)[0]].device)
-    with torch.no_grad(), tqdm(total=steps * CALLS_PER_STEP[solver], desc=f"sampling ({solver})",
+    with torch.no_grad(), tqdm(total=model_calls(solver, steps), desc=f"sampling ({solver})",
                                disable=not progress, leave=False) as bar:
 
         def counted(x: Batch, t: Tensor) -> Mapping[str, Tensor]:

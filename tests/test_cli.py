@@ -298,7 +298,7 @@ def test_sample_as_a_long_table(fitted, tmp_path, capsys) -> None:
     )
     table = pd.read_csv(out)
     assert list(table.columns) == ["sample", "step", "sine0", "sine1", "sine2", "sine3", "sine4"]
-    assert len(table) == 3 * 8 and "8 expert, 4 router" in capsys.readouterr().out  # full: 2 experts, heun: 2 calls
+    assert len(table) == 3 * 8 and "6 expert, 3 router" in capsys.readouterr().out  # full: 2 experts, heun 2 + 1 calls
     assert main(["sample", "--run-dir", str(run_dir), "--out", str(tmp_path / "x.txt")]) == 2
     assert ".txt" in one_line_error(capsys)
 

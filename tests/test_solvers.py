@@ -5,7 +5,7 @@ import torch
 
 from archipelago.experts.batch import FieldSpec
 from archipelago.experts.paths import TorusPath
-from archipelago.experts.solvers import CALLS_PER_STEP, SOLVERS, time_grid
+from archipelago.experts.solvers import SOLVERS, model_calls, time_grid
 
 # dx/dt = 3 t^2 integrates from t = 1 to t = 0 to x(0) = x(1) - 1.
 ORDER = {"euler": 1, "heun": 2, "rk4": 4}
@@ -45,7 +45,20 @@ def test_calls_per_step(name):
         return {"x": torch.zeros_like(x["x"])}
 
     SOLVERS[name](counting, {"x": torch.zeros(2, 1)}, time_grid(5))
-    assert len(calls) == 5 * CALLS_PER_STEP[name]
+    assert len(calls) == model_calls(name, 5) == {"euler": 5, "heun": 9, "rk4": 19}[name]
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_no_solver_evaluates_the_model_on_the_data(name):
+    """At t = 0 the velocity's target is pure noise; evaluating there puts it in the sample."""
+    seen = []
+
+    def recording(x, t):
+        seen.append(t.min().item())
+        return {"x": torch.zeros_like(x["x"])}
+
+    SOLVERS[name](recording, {"x": torch.zeros(2, 1)}, time_grid(4))
+    assert min(seen) > 0
 
 
 def test_torus_steps_stay_on_the_torus():
