@@ -30,6 +30,7 @@ from archipelago.experts.paths import ProbabilityPath
 
 Batch = dict[str, Tensor]
 GIVEN_SUFFIX = ":given"  # "<field>:given" is the mask of a field's entries given by the user
+NOISE_SUFFIX = ":noise"  # "<field>:noise" is a field's paired noise end x_1 (reflow's pairs)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ Fields = Mapping[str, FieldSpec]
 def given_key(name: str) -> str:
     """The batch key of the mask of field `name`'s given entries."""
     return f"{name}{GIVEN_SUFFIX}"
+
+
+def noise_key(name: str) -> str:
+    """The batch key of field `name`'s paired noise (laid out like the field)."""
+    return f"{name}{NOISE_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ class Layout:
 
     def level_of(self, name: str) -> str | None:
         """The index tensor of the level a tensor lives on (None: per sample)."""
-        return self.rows.get(name.removesuffix(GIVEN_SUFFIX))
+        return self.rows.get(name.removesuffix(GIVEN_SUFFIX).removesuffix(NOISE_SUFFIX))
 
 
 def as_layout(spec: Layout | Fields) -> Layout:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from archipelago.experts.batch import Batch
+from archipelago.experts.batch import Batch, Layout, num_samples, select
 
 
 def hash_tensors(tensors: Mapping[str, Tensor]) -> str:
@@ -98,6 +98,23 @@ class RaggedSamples(Samples):
 
     def fingerprint(self) -> str:
         return hash_tensors({**self.ragged, **self.dense, "__sizes__": self.sizes})
+
+
+class BatchSamples(Samples):
+    """Samples held as one batch of any layout (dense, ragged levels, links), selected by `batch.select`."""
+
+    def __init__(self, batch: Batch, layout: Layout):
+        self.whole, self.layout = dict(batch), layout
+        self.n = num_samples(self.whole, layout)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, ids: Tensor) -> Batch:
+        return select(self.whole, self.layout, ids)[0]
+
+    def fingerprint(self) -> str:
+        return hash_tensors(self.whole)
 
 
 class LevelSamples(Samples):

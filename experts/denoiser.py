@@ -30,8 +30,10 @@ class NoisedBatch:
 
 def noise_batch(batch: Batch, fields: Fields, generator: torch.Generator | None,
                 prediction: Prediction = Prediction.VELOCITY, t: Tensor | None = None,
-                given: Mapping[str, Tensor] | None = None) -> NoisedBatch:
-    """Draw t ~ U[0, 1] per sample (unless t is passed) and x_t ~ p_t(. | x_0) for every field.
+                given: Mapping[str, Tensor] | None = None,
+                noise: Mapping[str, Tensor] | None = None) -> NoisedBatch:
+    """Draw t ~ U[0, 1] per sample (unless t is passed) and x_t ~ p_t(. | x_0) for every field
+    (on the path to the field's given noise end in `noise`, where there is one).
 
     `given` masks (True: the entry is fixed by the user) keep those entries at x_0, leave them out
     of the loss, and travel in x_t under `given_key(field)` so that the network can tell them apart.
@@ -42,7 +44,8 @@ def noise_batch(batch: Batch, fields: Fields, generator: torch.Generator | None,
         t = torch.rand(b, generator=generator, device=first.device)
     samples = {}
     for name, spec in sorted(fields.items()):
-        sample = spec.path.sample(batch[name], per_row(t, batch, spec), generator, prediction)
+        sample = spec.path.sample(batch[name], per_row(t, batch, spec), generator, prediction,
+                                  noise=(noise or {}).get(name))
         mask = (given or {}).get(name)
         if mask is not None:
             sample = PathSample(x_t=torch.where(mask, batch[name], sample.x_t), target=sample.target, free=~mask)
@@ -53,9 +56,11 @@ def noise_batch(batch: Batch, fields: Fields, generator: torch.Generator | None,
 
 
 def denoising_loss(net: nn.Module, fields: Fields, batch: Batch, generator: torch.Generator | None,
-                   prediction: Prediction = Prediction.VELOCITY, given: Mapping[str, Tensor] | None = None) -> Tensor:
-    """The sum over fields of each path's loss at x_t, t ~ U[0, 1] (flow matching for Gaussian fields)."""
-    noised = noise_batch(batch, fields, generator, prediction, given=given)
+                   prediction: Prediction = Prediction.VELOCITY, given: Mapping[str, Tensor] | None = None,
+                   noise: Mapping[str, Tensor] | None = None) -> Tensor:
+    """The sum over fields of each path's loss at x_t, t ~ U[0, 1] (flow matching for Gaussian
+    fields), x_t on the path to the given `noise` ends where there are any."""
+    noised = noise_batch(batch, fields, generator, prediction, given=given, noise=noise)
     output = net(noised.x_t, noised.t)
     return sum(spec.path.loss(output[name], noised.samples[name]) for name, spec in sorted(fields.items()))
 

@@ -76,9 +76,12 @@ class ProbabilityPath(ABC):
 
     @abstractmethod
     def sample(
-        self, x_0: Tensor, t: Tensor, generator: torch.Generator | None, prediction: Prediction
+        self, x_0: Tensor, t: Tensor, generator: torch.Generator | None, prediction: Prediction,
+        noise: Tensor | None = None,
     ) -> PathSample:
-        """Draw x_t ~ p_t(. | x_0) and the regression or classification target."""
+        """Draw x_t ~ p_t(. | x_0) and the regression or classification target. With `noise`, the
+        noise end x_1 of the path is given instead of drawn: x_t lies on the path between this x_0
+        and this x_1 (a coupling, as reflow trains on)."""
 
     @abstractmethod
     def loss(self, output: Tensor, sample: PathSample) -> Tensor:
@@ -93,6 +96,12 @@ class ProbabilityPath(ABC):
         self, x_t: Tensor, mixed: Tensor, t: Tensor, t_next: Tensor, generator: torch.Generator | None
     ) -> Tensor:
         """Move x_t from t to t_next < t given the (mixed) quantity."""
+
+    def match_loss(self, output: Tensor, teacher: Tensor, x_t: Tensor, t: Tensor, prediction: Prediction,
+                   free: Tensor | None = None) -> Tensor:
+        """Distillation: the loss of a student's raw output against a teacher's mixable quantity at
+        x_t (squared error of the mixable quantities; generated entries only)."""
+        return _free_mse(self.mixable(output, x_t, t, prediction), PathSample(x_t=x_t, target=teacher, free=free))
 
     def guide(self, unconditional: Tensor, conditional: Tensor, scale: float) -> Tensor:
         """Classifier-free guidance of two mixable quantities (see the module docstring)."""
@@ -117,8 +126,8 @@ class GaussianPath(ProbabilityPath):
     def prior(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
-    def sample(self, x_0, t, generator, prediction):
-        eps = self.prior(x_0, generator)
+    def sample(self, x_0, t, generator, prediction, noise=None):
+        eps = self.prior(x_0, generator) if noise is None else noise
         s = self.scheduler(_expand(t, x_0))
         target = {
             Prediction.VELOCITY: s.d_alpha * x_0 + s.d_sigma * eps,
@@ -152,9 +161,9 @@ class TorusPath(ProbabilityPath):
     def prior(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
 
-    def sample(self, x_0, t, generator, prediction):
+    def sample(self, x_0, t, generator, prediction, noise=None):
         self.check_prediction(prediction)
-        velocity = wrap_centered(self.prior(x_0, generator) - x_0)
+        velocity = wrap_centered((self.prior(x_0, generator) if noise is None else noise) - x_0)
         return PathSample(x_t=torch.remainder(x_0 + _expand(t, x_0) * velocity, 1.0), target=velocity)
 
     def loss(self, output, sample):
@@ -189,7 +198,8 @@ class MaskedPath(ProbabilityPath):
     def prior(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return torch.full(like.shape, self.mask, dtype=torch.long, device=like.device)
 
-    def sample(self, x_0, t, generator, prediction):
+    def sample(self, x_0, t, generator, prediction, noise=None):
+        # The prior is a point mass (every entry masked), so a given noise end carries nothing.
         u = torch.rand(x_0.shape, generator=generator, device=x_0.device)
         masked = u < _expand(t, x_0).to(u.dtype)
         return PathSample(x_t=torch.where(masked, self.mask, x_0), target=x_0)
@@ -202,6 +212,14 @@ class MaskedPath(ProbabilityPath):
 
     def mixable(self, output, x_t, t, prediction):
         return output.softmax(dim=-1)
+
+    def match_loss(self, output, teacher, x_t, t, prediction, free=None):
+        """Cross-entropy of the student's posterior against the teacher's on the masked entries
+        (the KL divergence up to the teacher's own entropy); revealed entries have no posterior."""
+        masked = x_t == self.mask
+        if not masked.any():
+            return output.sum() * 0.0
+        return -(teacher[masked] * output[masked].log_softmax(dim=-1)).sum(dim=-1).mean()
 
     def guide(self, unconditional: Tensor, conditional: Tensor, scale: float) -> Tensor:
         if scale == 1:

@@ -31,8 +31,11 @@ import dataclasses
 import os
 import sys
 
+import yaml
+
 from archipelago.experts.lease import LeaseHeld
 from archipelago.platform import cli_config, jobs, modules, runner, sample_files, sdk, steps, tasks, tracking
+from archipelago.platform import distill as dist
 from archipelago.platform.cli_config import ConfigError, Settings
 from archipelago.platform.islands import MissingIslandError, TaskFailedError, use_token_auth
 from archipelago.platform.status import run_status, status_text
@@ -50,7 +53,11 @@ def positive(text: str) -> int:
 
 
 class Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr, exit code 2."""
+    """Usage errors as one line on stderr, exit code 2. No abbreviated flags: `--n 3` must not
+    silently mean `--nearest 3`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -147,13 +154,16 @@ def sample(args: argparse.Namespace) -> int:
         print(f"# plan\nsample from {args.run_dir} with {request.model_dump_json(exclude={'given'})}; write {args.out}")
         return 0
     out = run.sample(request)
-    frame = run.attribute(out, args.nearest)  # before anything is written: a failure leaves no files
+    # Which partitions made each sample: the ensemble's routing says; a student's samples have no experts.
+    frame = run.attribute(out, args.nearest) if request.model == "ensemble" else None  # before anything is written
     sample_files.write(args.out, out, run.domain)
-    attribution = sample_files.write_attribution(args.out, frame)
+    what = {"ensemble": request.strategy.value, "student": "the few-step student", "dense": "the dense student"}[
+        request.model]
+    attribution = f"; attribution in {sample_files.write_attribution(args.out, frame)}" if frame is not None else ""
     print(
-        f"wrote {request.n} samples to {args.out} ({request.strategy.value}, {request.solver}, {request.steps} steps); "
-        f"evaluations per sample: {out.expert_calls_per_sample:g} expert, {out.router_calls_per_sample:g} router; "
-        f"attribution in {attribution}"
+        f"wrote {request.n} samples to {args.out} ({what}, {request.solver}, {request.steps} steps); "
+        f"evaluations per sample: {out.expert_calls_per_sample:g} expert, {out.router_calls_per_sample:g} router"
+        f"{attribution}"
     )
     return 0
 
@@ -191,6 +201,42 @@ def _print_module_plan(args: argparse.Namespace, what: str) -> int:
 def _module_launch(args: argparse.Namespace) -> runner.Launch:
     return runner.Launch(ray=not args.in_process, address=args.address, track=not args.no_tracking,
                          tracking_uri=args.tracking_uri, register=args.register, wait=args.wait)
+
+
+def distill(args: argparse.Namespace) -> int:
+    student = {}
+    for item in args.student:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--student {item!r}: expected KEY=VALUE (a setting of the student's network)")
+        try:
+            student[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--student {item!r}: invalid value: {' '.join(str(error).split())}") from error
+    try:
+        config = dist.DistillConfig(student=student, pairs=args.pairs, pairs_per_shard=args.pairs_per_shard,
+                                    dense={"steps": args.dense_steps, "progress": args.progress},
+                                    reflow={"steps": args.reflow_steps, "progress": args.progress},
+                                    teacher={"strategy": args.teacher_strategy, "solver": "heun",
+                                             "steps": args.teacher_steps})
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    dist.check(args.run_dir, config)  # an assembled run, a student with its fields, a valid teacher
+    where = "in this process" if args.in_process else "the pairs as Ray tasks"
+    if args.dry_run:
+        print(f"# plan\ndistil {args.run_dir}: a dense student ({args.dense_steps} steps), {args.pairs} pairs from "
+              f"the ensemble ({args.teacher_strategy}, {args.teacher_steps} Heun steps), a reflow student "
+              f"({args.reflow_steps} steps); {where}")
+        return 0
+    if not args.in_process:
+        from archipelago.platform import islands
+
+        islands.connect(args.address)
+    summary = dist.distill(args.run_dir, config, ray=not args.in_process, wait=args.wait)
+    print(f"distilled {args.run_dir} (ensemble version {summary['ensemble_version']}): dense student "
+          f"{'/'.join(summary['dense'])}, few-step student {'/'.join(summary['reflow'])}; sample them with "
+          f"`archipelago sample --model student` (or dense)")
+    return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -308,7 +354,7 @@ def _run_flags(p: argparse.ArgumentParser, tracked: bool = True) -> None:
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
 
 
-WRITERS = (fit, partition, train_expert, train_router, assemble, add_data, remove_expert)  # they take a lease
+WRITERS = (fit, partition, train_expert, train_router, assemble, add_data, remove_expert, distill)  # they take a lease
 
 
 def _module_flags(p: argparse.ArgumentParser) -> None:
@@ -369,6 +415,20 @@ def build_parser() -> Parser:
     p = command(remove_expert, "Forget one expert: its partition's records, its weights and the routers that saw them.")
     _module_flags(p)
     p.add_argument("--expert", type=int, required=True, metavar="K", help="the expert to remove")
+
+    p = command(distill, "Distil the ensemble into a dense student and a few-step (reflow) student.")
+    p.add_argument("--run-dir", required=True, help="an assembled run directory")
+    p.add_argument("--dense-steps", type=positive, default=2000, help="the dense student's steps (default 2000)")
+    p.add_argument("--reflow-steps", type=positive, default=2000, help="the few-step student's steps (default 2000)")
+    p.add_argument("--pairs", type=positive, default=4096, help="(noise, sample) pairs for reflow (default 4096)")
+    p.add_argument("--pairs-per-shard", type=positive, default=1024, help="pairs per task and shard (default 1024)")
+    p.add_argument("--teacher-strategy", default="full", help="the routing strategy of the pairs (default full)")
+    p.add_argument("--teacher-steps", type=positive, default=20, help="Heun steps of the pairs (default 20)")
+    p.add_argument("--student", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the student's network over the run's domain settings (repeatable)")
+    p.add_argument("--in-process", action="store_true", help="make the pairs in this process, without Ray")
+    p.add_argument("--address", help="Ray GCS address host:port (default: RAY_ADDRESS, else Ray embedded)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
 
     p = command(evaluate, "Score generated samples with the domain's metrics (mean and 95%% interval).")
     _run_flags(p, tracked=False)

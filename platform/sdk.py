@@ -26,7 +26,7 @@ from torch import Tensor
 from archipelago.domains import domain_reference
 from archipelago.experts.batch import Batch
 from archipelago.experts.domain import Domain
-from archipelago.platform import modules, runner, steps
+from archipelago.platform import distill, modules, runner, steps
 from archipelago.platform.config import RunConfig, on_device
 from archipelago.platform.runner import Launch
 from archipelago.router.sampling import SampleRequest, check_device, check_request
@@ -55,17 +55,20 @@ class Run:
         self.run_dir, self.version = str(run_dir), version
         self.config = steps.load_config(self.run_dir)
         self.domain = steps.load_domain(self.run_dir)
-        self._ensembles: dict[torch.device, steps.LoadedEnsemble] = {}
+        self._ensembles: dict[tuple[torch.device, str], steps.LoadedEnsemble] = {}
 
     @property
     def ensemble(self) -> steps.LoadedEnsemble:
         """The assembled ensemble on the default device (CUDA when present, else CPU)."""
         return self._ensemble_on(check_device(None))
 
-    def _ensemble_on(self, device: torch.device) -> steps.LoadedEnsemble:
-        if device not in self._ensembles:
-            self._ensembles[device] = steps.load_ensemble(self.run_dir, device, self.version)
-        return self._ensembles[device]
+    def _ensemble_on(self, device: torch.device, model: str = "ensemble") -> steps.LoadedEnsemble:
+        """The ensemble (or one of its students, `model` as in SampleRequest) on `device`, loaded once."""
+        if (device, model) not in self._ensembles:
+            self._ensembles[device, model] = (
+                steps.load_ensemble(self.run_dir, device, self.version) if model == "ensemble"
+                else distill.load_student(self.run_dir, "reflow" if model == "student" else model, device))
+        return self._ensembles[device, model]
 
     def request(self, n: int | SampleRequest | None = None, **settings: Any) -> SampleRequest:
         """A sampling request, checked against this run before any sampling work.
@@ -75,7 +78,7 @@ class Run:
         serve (an unknown condition, guidance without conditions, ...) a ValueError naming it.
         """
         request = _as_request(n, settings)
-        e = self._ensemble_on(check_device(request.device))
+        e = self._ensemble_on(check_device(request.device), request.model)
         check_request(e.domain, request, e.router, e.cluster_sizes, len(e.experts))
         return request
 
@@ -83,7 +86,7 @@ class Run:
         """Generate samples for a request (`n` and `settings` as in `request`): a routing strategy
         (full, topk, top1, sample, oracle), an ODE solver, conditions, guidance, given fields."""
         request = _as_request(n, settings)
-        e = self._ensemble_on(check_device(request.device))
+        e = self._ensemble_on(check_device(request.device), request.model)
         generated = e.sample(request)
         return Samples(
             items=e.domain.decode(generated.batch),
@@ -127,6 +130,12 @@ class Run:
         """Forget expert k and its partition (see `archipelago.platform.modules.remove_expert`)."""
         modules.remove_expert(self.run_dir, k, launch=_sdk_launch(launch))
         return Run(self.run_dir)
+
+    def distill(self, ray: bool = False, wait: bool = False, **settings: Any) -> Run:
+        """Distil the ensemble into a dense and a few-step student (`settings`: `distill.DistillConfig`
+        fields); sample them with `model="student"` or `model="dense"`."""
+        distill.distill(self.run_dir, distill.DistillConfig(**settings), ray=ray, wait=wait)
+        return Run(self.run_dir, self.version)
 
     def records(self) -> pa.Table:
         """The records the run was fitted on."""

@@ -94,7 +94,7 @@ def codec_dir(run_dir: str) -> str:
     return storage.join(run_dir, "codec")
 
 
-def _write_table(uri: str, table: pa.Table) -> None:
+def write_table(uri: str, table: pa.Table) -> None:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.write_bytes(uri, buffer.getvalue())
@@ -110,7 +110,7 @@ def _write_shards(folder: str, table: pa.Table, shard_rows: int, first: int = 0)
     sizes = []
     for i, start in enumerate(range(0, table.num_rows, shard_rows) or [0], first):  # an empty table: one empty shard
         shard = table.slice(start, shard_rows)
-        _write_table(_shard(folder, i), shard)
+        write_table(_shard(folder, i), shard)
         sizes.append(shard.num_rows)
     return sizes
 
@@ -290,7 +290,7 @@ def encode(run_dir: str, on_log: OnLog | None = None) -> dict[str, Any] | None:
 def _write_latents(run_dir: str, codec: torch.nn.Module, domain: Domain, k: int, i: int) -> None:
     """Encode shard i of partition k into latents/expert=<k>/part-<i>.parquet."""
     latents = encode_samples(codec, domain.samples(read_table(_shard(_data_dir(run_dir, k), i))))
-    _write_table(_shard(_latents_dir(run_dir, k), i), latents_to_table(latents))
+    write_table(_shard(_latents_dir(run_dir, k), i), latents_to_table(latents))
 
 
 def _latents_dir(run_dir: str, k: int) -> str:
@@ -324,7 +324,7 @@ def drop_records(run_dir: str, rows: pa.Table) -> int:
         shard = read_table(storage.join(folder, name))
         keep = [key not in gone for key in row_keys(shard)]
         if not all(keep):
-            _write_table(storage.join(folder, name), shard.filter(pa.array(keep)))
+            write_table(storage.join(folder, name), shard.filter(pa.array(keep)))
             dropped += len(keep) - sum(keep)
     return dropped
 
@@ -459,22 +459,27 @@ def _train_router(run_dir: str, summary: dict[str, Any], folder: str, on_log: On
                   progress_bar: ProgressBar | None) -> TrainResult:
     config, domain = load_config(run_dir), load_domain(run_dir)
     sizes, ids = shards_of(summary), ids_of(summary)
-    uris = [uri for k in ids for uri in _training_shards(run_dir, k, len(sizes[k]))]
     labels = torch.cat([torch.full((sum(sizes[k]),), i) for i, k in enumerate(ids)])  # positions among `ids`
     train = config.router.model_copy(update={"seed": derive_seed(config.seed, "router")})
-    # Every batch from all partitions at once, so the router reads its data in memory (`Pooled`).
-    blocks = [n for k in ids for n in sizes[k]]
-    to_samples = _as_samples(run_dir, domain)
-    pooled = Pooled(Blocked(to_samples(pa.concat_tables([read_table(uri) for uri in uris])), blocks))
     return train_router(
         RouterConfig(num_experts=len(ids), train=train),
         domain,
-        pooled,
+        pooled_samples(run_dir, summary, domain),
         labels,
         folder,
         on_log,
         progress_bar,
     )
+
+
+def pooled_samples(run_dir: str, summary: dict[str, Any], domain: Domain) -> Pooled:
+    """Every partition's training samples (latents with a codec) in memory, in expert order, each
+    batch drawn from all of them at once (the router's and the dense student's data)."""
+    sizes, ids = shards_of(summary), ids_of(summary)
+    uris = [uri for k in ids for uri in _training_shards(run_dir, k, len(sizes[k]))]
+    blocks = [n for k in ids for n in sizes[k]]
+    to_samples = _as_samples(run_dir, domain)
+    return Pooled(Blocked(to_samples(pa.concat_tables([read_table(uri) for uri in uris])), blocks))
 
 
 def assemble(run_dir: str) -> dict[str, Any]:

@@ -98,7 +98,7 @@ class Ensemble(nn.Module):
         self.strategy = Strategy(strategy)
         if self.strategy in FIXED and assignment is None:
             raise ValueError(f"strategy {self.strategy.value!r} needs a per-sample expert assignment")
-        if self.strategy not in FIXED and router is None:
+        if self.strategy not in FIXED and router is None and len(experts) > 1:
             raise ValueError(f"strategy {self.strategy.value!r} needs a router")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")

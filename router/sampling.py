@@ -38,6 +38,9 @@ class SampleRequest(BaseModel):
 
     # The descriptions double as the help text of the command line's flags.
     n: int = Field(16, ge=1, description="number of samples")
+    model: Literal["ensemble", "student", "dense"] = Field(
+        "ensemble", description="what samples: the ensemble, its few-step (reflow) student or its dense student "
+                                "(students after `archipelago distill`)")
     strategy: Strategy = Field(Strategy.TOP1, description="routing: full, topk, top1, sample, oracle, stochastic, "
                                                           "switch")
     solver: str = Field("heun", description="ODE solver: euler, heun, rk4")
@@ -96,6 +99,7 @@ class Generated:
     assignment: Tensor | None = None  # [n] the expert of each sample (per-trajectory strategies)
     attribution: Tensor | None = None  # [n, K] each expert's weight averaged along the trajectory
     trace: Tensor | None = None  # [n, calls] the main expert at every solver call (the routing trace)
+    noise: Batch | None = None  # x_1 of every sample (with its template's tensors), when asked to keep it
 
 
 def oracle_assignment(n: int, cluster_sizes: Sequence[int], generator: torch.Generator | None) -> Tensor:
@@ -164,18 +168,19 @@ def _templates(domain: Domain, ids: Tensor, assignment: Tensor | None, statistic
 
 def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router | None, request: SampleRequest,
                     cluster_sizes: Sequence[int] | None = None, statistics: Sequence[Statistics] = (),
-                    decode: Any = None) -> Generated:
+                    decode: Any = None, keep_noise: bool = False) -> Generated:
     """Generate `request.n` samples in batches of at most `request.batch_size` (see the module docstring).
 
     `statistics` are the per-expert statistics (empty when the domain has none); `decode`, when
-    given, maps generated latents back to the records' fields (the run's codec).
+    given, maps generated latents back to the records' fields (the run's codec); `keep_noise`
+    keeps each sample's x_1 (distillation's pairs).
     """
     check_request(domain, request, router, cluster_sizes, len(experts))
     device = check_device(request.device)
     generator = torch.Generator().manual_seed(request.seed)
     if request.router == "likelihood":
         router = LikelihoodRouter(experts, domain.fields, cluster_sizes, request.likelihood_draws, generator)
-    parts, assignments, attributions, traces, expert_calls, router_calls = [], [], [], [], 0, 0
+    parts, assignments, attributions, traces, noises, expert_calls, router_calls = [], [], [], [], [], 0, 0
     for start in range(0, request.n, request.batch_size):
         ids = torch.arange(start, min(start + request.batch_size, request.n))
         assignment = _assignment(domain, request, router, cluster_sizes, statistics, ids, generator)
@@ -191,6 +196,8 @@ def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router
         out = integrate(ensemble, x_1, domain.fields, request.solver, request.steps, generator, request.progress,
                         given={name: Given(g.values.to(device), g.mask.to(device)) for name, g in given.items()})
         ensemble.check_finite()
+        if keep_noise:
+            noises.append({name: value.cpu() for name, value in x_1.items()})
         attributions.append(ensemble.attribution().float().cpu())
         traces.append(ensemble.trace())
         parts.append({name: value.cpu() for name, value in (decode(out) if decode else out).items()})
@@ -201,7 +208,8 @@ def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router
     return Generated(batch=concat(parts, domain.layout if decode is None else {}), assignment=None
                      if assignments[0] is None else torch.cat(assignments),
                      expert_calls_per_sample=expert_calls / request.n, router_calls_per_sample=router_calls / request.n,
-                     attribution=torch.cat(attributions), trace=torch.cat(traces))
+                     attribution=torch.cat(attributions), trace=torch.cat(traces),
+                     noise=concat(noises, domain.layout) if keep_noise else None)
 
 
 def _assignment(domain: Domain, request: SampleRequest, router: Router | None, cluster_sizes: Sequence[int] | None,

@@ -1,0 +1,140 @@
+"""Distillation of an ensemble into one student network: the dense student, then a few-step student by reflow.
+
+- Dense student (`distillation_loss`), as the DDM paper distils its ensemble: at x_t drawn along
+  every field's path from the run's own data, the student matches the teacher's mixable quantity,
+  the ensemble's mixture sum_k p(k | x_t, t) u^(k)(x_t). Velocities (Euclidean and torus fields)
+  by squared error, posteriors of discrete fields by cross-entropy against the mixed posterior (the
+  KL divergence up to the teacher's entropy), generated entries only. Its optimum is the full
+  mixture itself, which the DDM identity makes the whole data set's field.
+- Few-step student (`reflow_loss`: rectified flow's reflow, Liu et al. 2023): flow matching on
+  pairs (x_1, x_0) of noise and the ensemble's sample integrated from that noise, x_t on the path
+  between the two. The student's flow carries the same coupling on straighter paths, which a few
+  Euler steps integrate well; `straightness` measures how straight a flow is.
+
+Why reflow rather than consistency distillation: reflow needs the teacher only to make the pairs,
+once and in parallel, stored like every other step's output (so distillation resumes), and its
+loss is the experts' own flow matching on the same network and solvers. Consistency distillation
+queries the whole ensemble at every training step and needs a target network; it would be another
+loss over the same pairs or data here.
+
+Discrete fields: the masked path's noise end is a point mass (every entry masked), so a pair tells
+nothing about them. Reflow trains their posterior on the ensemble's samples, so the student learns
+the ensemble's distribution of them, and a few-step sampler reveals many entries per step, each
+drawn independently from its posterior: the correlations between entries revealed in the same step
+are what few steps cost there (more steps for discrete fields buy them back).
+
+No Ray and no MLflow here; the platform schedules the pairs and the trainings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from archipelago.experts.batch import NOISE_SUFFIX, Batch, Fields, noise_key, num_samples, per_row
+from archipelago.experts.conditions import drop_conditions
+from archipelago.experts.conventions import Prediction
+from archipelago.experts.data import Samples
+from archipelago.experts.denoiser import denoising_loss, noise_batch
+from archipelago.experts.domain import Domain
+from archipelago.experts.paths import GaussianPath
+from archipelago.experts.solvers import time_grid
+from archipelago.experts.training import TrainConfig, TrainResult, run_training, seeded
+
+Teacher = Callable[[Batch, Tensor], Mapping[str, Tensor]]  # (x_t, t) -> mixable quantity per field
+
+
+def check_student_fields(domain: Domain, student: Domain) -> None:
+    """A student must diffuse the run's fields on the same paths and levels; raise naming what differs."""
+    theirs, ours = domain.fields, student.fields
+    differing = sorted(set(theirs) ^ set(ours))
+    differing += sorted(name for name in set(theirs) & set(ours)
+                        if (type(theirs[name].path), theirs[name].index) != (type(ours[name].path), ours[name].index))
+    dense = sorted(name for name in set(theirs) & set(ours) if theirs[name].index is None and name not in differing)
+    if dense and not differing:  # a dense field's shape (a window's length, an image's size) is part of it
+        g = torch.Generator().manual_seed(0)
+        run, student_template = domain.template(1, g), student.template(1, g)
+        differing += [f"{name} (shape {tuple(student_template[name].shape[1:])}, the run's "
+                      f"{tuple(run[name].shape[1:])})" for name in dense
+                      if run[name].shape[1:] != student_template[name].shape[1:]]
+    if differing:
+        raise ValueError(f"the student's fields do not match the {domain.name} domain's: {differing} differ "
+                         f"(run: {sorted(theirs)}, student: {sorted(ours)}); change only its network settings")
+
+
+def distillation_loss(net: nn.Module, teacher: Teacher, fields: Fields, batch: Batch, generator: torch.Generator,
+                      prediction: Prediction = Prediction.VELOCITY,
+                      given: Mapping[str, Tensor] | None = None) -> Tensor:
+    """The dense student's loss on a batch of data (see the module docstring)."""
+    noised = noise_batch(batch, fields, generator, given=given)
+    with torch.no_grad():
+        target = teacher(noised.x_t, noised.t)
+    output = net(noised.x_t, noised.t)
+    return sum(spec.path.match_loss(output[name], target[name], noised.x_t[name], per_row(noised.t, noised.x_t, spec),
+                                    prediction, noised.samples[name].free)
+               for name, spec in sorted(fields.items()))
+
+
+def pairs_batch(samples: Batch, noise: Batch, fields: Fields) -> Batch:
+    """One batch of (noise, sample) pairs: the sample's tensors with each field's noise under `noise_key`."""
+    return {**samples, **{noise_key(name): noise[name] for name in fields}}
+
+
+def reflow_loss(net: nn.Module, fields: Fields, pairs: Batch, generator: torch.Generator,
+                prediction: Prediction = Prediction.VELOCITY, given: Mapping[str, Tensor] | None = None) -> Tensor:
+    """Flow matching on (noise, sample) pairs: x_t on the path between each pair's ends."""
+    batch = {name: value for name, value in pairs.items() if not name.endswith(NOISE_SUFFIX)}
+    noise = {name: pairs[noise_key(name)] for name in fields}
+    return denoising_loss(net, fields, batch, generator, prediction, given, noise=noise)
+
+
+def train_student(domain: Domain, student: Domain, samples: Samples, config: TrainConfig, folder: str,
+                  teacher: Teacher | None = None, prediction: Prediction = Prediction.VELOCITY,
+                  init: Mapping[str, Tensor] | None = None, on_log=None, progress_bar=None) -> TrainResult:
+    """Train a student network of `student`'s denoiser on `samples`, checkpointing to `folder`.
+
+    With a `teacher`, the dense student on the run's data (`distillation_loss`); without one, the
+    few-step student on pairs (`reflow_loss`), starting from `init` weights (the dense student's).
+    Conditions are dropped to null with `condition_dropout` for both, so guidance still works.
+    """
+    check_student_fields(domain, student)
+    net = seeded(student.denoiser_network, config.seed)
+    if init is not None:
+        net.load_state_dict(init)
+    fields, conditions, kind = domain.fields, domain.conditions, "dense" if teacher is not None else "reflow"
+
+    def loss_fn(model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
+        batch = drop_conditions(batch, conditions, config.condition_dropout, generator)
+        given = domain.given_masks(batch, generator)
+        if teacher is None:
+            return reflow_loss(model, fields, batch, generator, prediction, given)
+        return distillation_loss(model, teacher, fields, batch, generator, prediction, given)
+
+    meta = {"kind": "student", "student": kind, "domain": domain.name, "domain_config": student.to_config(),
+            "prediction": Prediction(prediction).value,
+            "config": {"student": kind, "prediction": Prediction(prediction).value,
+                       "domain_config": student.to_config()}}
+    return run_training(net, loss_fn, samples, config, folder, meta, on_log, description=f"{kind} student",
+                        progress_bar=progress_bar)
+
+
+def straightness(model: Teacher, x_1: Batch, fields: Fields, steps: int = 64) -> float:
+    """How far a flow is from straight (Liu et al. 2023): the mean over t of E ||(x_1 - x_0) - v(x_t, t)||^2
+    along its own Euler trajectory from x_1 to x_0, per entry of its Gaussian fields (0: straight
+    lines, which one Euler step integrates exactly)."""
+    gaussian = sorted(name for name, spec in fields.items() if isinstance(spec.path, GaussianPath))
+    if not gaussian:
+        raise ValueError("straightness is defined on continuous (Gaussian) fields; these fields have none")
+    grid, x, velocities = time_grid(steps, dtype=x_1[gaussian[0]].dtype), dict(x_1), []
+    b, device = num_samples(x_1, fields), x_1[gaussian[0]].device
+    with torch.no_grad():
+        for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+            v = model(x, t.expand(b).to(device))
+            velocities.append({name: v[name] for name in gaussian})
+            x = {**x, **{name: x[name] + (t_next - t) * v[name] for name in gaussian}}
+    chord = {name: x_1[name] - x[name] for name in gaussian}
+    gaps = [sum(float(((chord[n] - v[n]) ** 2).sum()) for n in gaussian) for v in velocities]
+    entries = sum(chord[n].numel() for n in gaussian)
+    return sum(gaps) / len(gaps) / entries

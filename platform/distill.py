@@ -1,0 +1,200 @@
+"""The distill step: a run's ensemble distilled into a dense student, then a few-step student by reflow.
+
+The objectives are `archipelago.experts.distill`'s; this step puts them in the run directory,
+each part resumable like every other step:
+
+    students/dense/step-*/         the dense student's checkpoints (it matches the full mixture on the run's data)
+    students/pairs/part-*.parquet  (noise, ensemble sample) pairs, one shard per task, each written whole
+    students/reflow/step-*/        the few-step student's checkpoints (reflow on the pairs, from the dense student)
+    students/students.json         what was distilled, from which ensemble version; written last
+
+The pairs need the whole ensemble but no data, so their shards run as Ray tasks on any island when
+the launch uses Ray, in this process otherwise. A student samples through the same request as the
+ensemble (`SampleRequest.model`): it is a one-expert ensemble with no router.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from archipelago.experts import storage
+from archipelago.experts.batch import Batch, concat
+from archipelago.experts.checkpoint import ema_weights, latest_checkpoint
+from archipelago.experts.data import BatchSamples
+from archipelago.experts.denoiser import Denoiser
+from archipelago.experts.distill import check_student_fields, pairs_batch, train_student
+from archipelago.experts.domain import Domain, merge_statistics
+from archipelago.experts.training import TrainConfig, derive_seed
+from archipelago.platform import steps, versions
+from archipelago.router.ensemble import Ensemble, Strategy
+from archipelago.router.sampling import SampleRequest, sample_ensemble
+
+STUDENTS = "students"
+STUDENTS_FILE = "students.json"
+MODELS = ("dense", "reflow")  # the students a request can name (`student` is the few-step one)
+
+
+class DistillConfig(BaseModel):
+    """How to distil a run's ensemble (the `distill` settings of the SDK and the command line)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    student: dict[str, Any] = {}  # the student network's domain settings over the run's (its size)
+    dense: TrainConfig = TrainConfig(steps=2000)  # the dense student's training
+    reflow: TrainConfig = TrainConfig(steps=2000)  # the few-step student's training on the pairs
+    pairs: int = Field(4096, ge=1)  # (noise, ensemble sample) pairs for reflow
+    pairs_per_shard: int = Field(1024, ge=1)  # pairs per task and per Parquet shard
+    teacher: dict[str, Any] = {"strategy": "full", "solver": "heun", "steps": 20}  # how the pairs are sampled
+
+
+def folder(run_dir: str, *parts: str) -> str:
+    return storage.join(run_dir, STUDENTS, *parts)
+
+
+def student_domain(domain: Domain, settings: dict[str, Any]) -> Domain:
+    """The run's domain with the student's network settings over it; its fields must be the run's."""
+    student = type(domain).from_config({**domain.to_config(), **settings}) if settings else domain
+    check_student_fields(domain, student)
+    return student
+
+
+def check(run_dir: str, config: DistillConfig) -> tuple[dict[str, Any], Domain, SampleRequest]:
+    """Everything a distillation needs, checked before any work: an assembled ensemble, a student
+    with the run's fields, and a valid teacher request."""
+    try:
+        saved = versions.load(run_dir)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"cannot distil {run_dir}: {error} (run `archipelago fit` or `archipelago assemble` "
+                                f"first)") from error
+    student = student_domain(steps.load_domain(run_dir), config.student)
+    teacher = SampleRequest(**{**config.teacher, "n": config.pairs_per_shard})
+    return saved, student, teacher
+
+
+def _mixture(ensemble: steps.LoadedEnsemble):
+    """The teacher of the dense student: the full mixture, sum_k p(k | x_t, t) u^(k)(x_t)."""
+    domain = ensemble.domain
+
+    def teacher(x_t: Batch, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return Ensemble(ensemble.experts, ensemble.router, domain.fields, Strategy.FULL, layout=domain.layout,
+                        conditions=domain.conditions)(x_t, t)
+
+    return teacher
+
+
+def distill(run_dir: str, config: DistillConfig, ray: bool = False, wait: bool | float = False,
+            on_log=None) -> dict[str, Any]:
+    """Distil (or resume distilling) the run's newest ensemble: the dense student, the pairs (as Ray
+    tasks with `ray`), the reflow student, then students.json. Checked before any work (`check`)."""
+    check(run_dir, config)
+    with steps.run_lease(run_dir, "archipelago distill", wait):
+        dense = train_dense(run_dir, config, on_log)
+        missing = [i for i in range(len(shard_sizes(config))) if not storage.exists(shard_uri(run_dir, i))]
+        if ray and missing:
+            from archipelago.platform import islands
+
+            islands.submit_tasks([islands.TaskSpec(make_pairs, (run_dir, i, config), name=f"pairs-{i}")
+                                  for i in missing])
+        for i in missing:
+            make_pairs(run_dir, i, config)  # kept as they are where the tasks wrote them
+        return record(run_dir, config, dense, train_reflow(run_dir, config, on_log))
+
+
+def train_dense(run_dir: str, config: DistillConfig, on_log=None) -> str:
+    saved, student, _ = check(run_dir, config)
+    ensemble, summary = steps.load_ensemble(run_dir, version=saved.get("version")), steps.read_summary(run_dir)
+    prediction = steps.load_config(run_dir).prediction
+    data = steps.pooled_samples(run_dir, summary, ensemble.domain)
+    train = config.dense.model_copy(update={"seed": derive_seed(steps.load_config(run_dir).seed, "dense student")})
+    return train_student(ensemble.domain, student, data, train, folder(run_dir, "dense"), _mixture(ensemble),
+                         prediction, on_log=on_log).checkpoint
+
+
+def shard_uri(run_dir: str, shard: int) -> str:
+    return folder(run_dir, "pairs", f"part-{shard:05d}.parquet")
+
+
+def shard_sizes(config: DistillConfig) -> list[int]:
+    full, rest = divmod(config.pairs, config.pairs_per_shard)
+    return [config.pairs_per_shard] * full + ([rest] if rest else [])
+
+
+def make_pairs(run_dir: str, shard: int, config: DistillConfig) -> str:
+    """Shard `shard` of the pairs: noise and the ensemble's sample from it (kept when already written)."""
+    uri = shard_uri(run_dir, shard)
+    if storage.exists(uri):
+        return uri
+    saved, _, teacher = check(run_dir, config)
+    e = steps.load_ensemble(run_dir, version=saved.get("version"))
+    seed = derive_seed(steps.load_config(run_dir).seed, "pairs", shard)
+    request = teacher.model_copy(update={"n": shard_sizes(config)[shard], "seed": seed})
+    generated = sample_ensemble(e.domain, e.experts, e.router, request, e.cluster_sizes, e.statistics, keep_noise=True)
+    steps.write_table(uri, tensors_table(pairs_batch(generated.batch, generated.noise, e.domain.fields)))
+    return uri
+
+
+def tensors_table(batch: Batch) -> pa.Table:
+    """A batch as a Parquet-ready table: one row per tensor (name, dtype, shape, raw little-endian bytes)."""
+    names = sorted(batch)
+    values = [batch[name].detach().cpu().contiguous() for name in names]
+    return pa.table({"name": names, "dtype": [str(v.dtype).removeprefix("torch.") for v in values],
+                     "shape": [list(v.shape) for v in values],
+                     "data": pa.array([v.numpy().tobytes() for v in values], type=pa.large_binary())})
+
+
+def table_tensors(table: pa.Table) -> Batch:
+    """The inverse of `tensors_table`."""
+    out = {}
+    for name, dtype, shape, data in zip(*(table[c].to_pylist() for c in ("name", "dtype", "shape", "data")),
+                                        strict=True):
+        array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+        out[name] = torch.from_numpy(array.copy())
+    return out
+
+
+def read_pairs(run_dir: str, config: DistillConfig, domain: Domain) -> BatchSamples:
+    parts = [table_tensors(steps.read_table(shard_uri(run_dir, i))) for i in range(len(shard_sizes(config)))]
+    return BatchSamples(concat(parts, domain.layout), domain.layout)
+
+
+def train_reflow(run_dir: str, config: DistillConfig, on_log=None) -> str:
+    _, student, _ = check(run_dir, config)
+    domain, run = steps.load_domain(run_dir), steps.load_config(run_dir)
+    dense = latest_checkpoint(folder(run_dir, "dense"))
+    if dense is None:
+        raise FileNotFoundError(f"{run_dir} has no dense student yet: the few-step student starts from it")
+    train = config.reflow.model_copy(update={"seed": derive_seed(run.seed, "reflow student")})
+    return train_student(domain, student, read_pairs(run_dir, config, domain), train, folder(run_dir, "reflow"),
+                         prediction=run.prediction, init=ema_weights(dense), on_log=on_log).checkpoint
+
+
+def record(run_dir: str, config: DistillConfig, dense: str, reflow: str) -> dict[str, Any]:
+    """Write students.json last: the students, their config and the ensemble version they distil."""
+    saved = versions.load(run_dir)
+    summary = {"ensemble_version": saved.get("version"), "config": config.model_dump(mode="json"),
+               "dense": [STUDENTS, "dense", storage.base_name(dense)],
+               "reflow": [STUDENTS, "reflow", storage.base_name(reflow)],
+               "cluster_sizes": [int(sum(saved["cluster_sizes"]))],
+               "statistics": [merge_statistics(saved["statistics"])]}
+    storage.write_json(folder(run_dir, STUDENTS_FILE), summary)
+    return summary
+
+
+def load_student(run_dir: str, model: str, device: str | torch.device = "cpu") -> steps.LoadedEnsemble:
+    """A student of the run as a one-expert ensemble (no router): `model` is dense or reflow."""
+    uri = folder(run_dir, STUDENTS_FILE)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{run_dir} has no students yet: run `archipelago distill {run_dir}` first")
+    saved = storage.read_json(uri)
+    config = DistillConfig(**saved["config"])
+    domain = steps.load_domain(run_dir)
+    net = student_domain(domain, config.student).denoiser_network()
+    net.load_state_dict(ema_weights(storage.join(run_dir, *saved[model])))
+    student = Denoiser(net, domain.fields, steps.load_config(run_dir).prediction).to(device).eval()
+    return steps.LoadedEnsemble(domain=domain, experts=[student], router=None, cluster_sizes=saved["cluster_sizes"],
+                                statistics=saved["statistics"], expert_ids=[0])
