@@ -223,19 +223,22 @@ def distill(args: argparse.Namespace) -> int:
         raise ConfigError(str(error)) from error
     dist.check(args.run_dir, config)  # an assembled run, a student with its fields, a valid teacher
     where = "in this process" if args.in_process else "the pairs as Ray tasks"
+    where += ", untracked" if args.no_tracking else ", tracked in MLflow with the model logged again"
     if args.dry_run:
         print(f"# plan\ndistil {args.run_dir}: a dense student ({args.dense_steps} steps), {args.pairs} pairs from "
               f"the ensemble ({args.teacher_strategy}, {args.teacher_steps} Heun steps), a reflow student "
               f"({args.reflow_steps} steps); {where}")
         return 0
-    if not args.in_process:
+    launch = _module_launch(args)
+    if launch.ray:
         from archipelago.platform import islands
 
         islands.connect(args.address)
-    summary = dist.distill(args.run_dir, config, ray=not args.in_process, wait=args.wait)
+    summary = dist.distill_tracked(args.run_dir, config, launch)
+    logged = f"; logged as {summary['model_uri']}" if summary.get("model_uri") else ""
     print(f"distilled {args.run_dir} (ensemble version {summary['ensemble_version']}): dense student "
           f"{'/'.join(summary['dense'])}, few-step student {'/'.join(summary['reflow'])}; sample them with "
-          f"`archipelago sample --model student` (or dense)")
+          f"`archipelago sample --model student` (or dense){logged}")
     return 0
 
 
@@ -417,7 +420,7 @@ def build_parser() -> Parser:
     p.add_argument("--expert", type=int, required=True, metavar="K", help="the expert to remove")
 
     p = command(distill, "Distil the ensemble into a dense student and a few-step (reflow) student.")
-    p.add_argument("--run-dir", required=True, help="an assembled run directory")
+    _module_flags(p)
     p.add_argument("--dense-steps", type=positive, default=2000, help="the dense student's steps (default 2000)")
     p.add_argument("--reflow-steps", type=positive, default=2000, help="the few-step student's steps (default 2000)")
     p.add_argument("--pairs", type=positive, default=4096, help="(noise, sample) pairs for reflow (default 4096)")
@@ -426,8 +429,6 @@ def build_parser() -> Parser:
     p.add_argument("--teacher-steps", type=positive, default=20, help="Heun steps of the pairs (default 20)")
     p.add_argument("--student", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the student's network over the run's domain settings (repeatable)")
-    p.add_argument("--in-process", action="store_true", help="make the pairs in this process, without Ray")
-    p.add_argument("--address", help="Ray GCS address host:port (default: RAY_ADDRESS, else Ray embedded)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
 
     p = command(evaluate, "Score generated samples with the domain's metrics (mean and 95%% interval).")

@@ -29,8 +29,9 @@ from archipelago.experts.data import BatchSamples
 from archipelago.experts.denoiser import Denoiser
 from archipelago.experts.distill import check_student_fields, pairs_batch, train_student
 from archipelago.experts.domain import Domain, merge_statistics
-from archipelago.experts.training import TrainConfig, derive_seed
+from archipelago.experts.training import OnLog, TrainConfig, derive_seed
 from archipelago.platform import steps, versions
+from archipelago.platform.runner import Launch
 from archipelago.router.ensemble import Ensemble, Strategy
 from archipelago.router.sampling import SampleRequest, sample_ensemble
 
@@ -87,13 +88,39 @@ def _mixture(ensemble: steps.LoadedEnsemble):
     return teacher
 
 
+def distill_tracked(run_dir: str, config: DistillConfig, launch: Launch) -> dict[str, Any]:
+    """`distill` as the launch says; when it tracks, as an MLflow run of the launch's experiment
+    (the students' losses, prefixed dense_ and reflow_), and the run's model logged again with its
+    students: a new version of the registered model with `launch.register`."""
+    if not launch.track:
+        return distill(run_dir, config, ray=launch.ray, wait=launch.wait)
+    from archipelago.platform import tracking
+
+    check(run_dir, config)
+    uri = tracking.resolve_tracking_uri(launch.tracking_uri)
+    tracking.check_tracking(uri)
+    saved = steps.load_config(run_dir)
+    parent = tracking.start_parent(uri, launch.experiment, {"domain": saved.domain, "experts": saved.experts,
+                                                            "distill": config.model_dump(mode="json")},
+                                   run_dir, run_name="distill")
+    try:
+        with tracking.ChildRun(uri, parent, "students", {"students": True}) as child:
+            summary = distill(run_dir, config, ray=launch.ray, wait=launch.wait, on_log=child.log)
+        summary["model_uri"] = tracking.log_ensemble_model(uri, parent, run_dir, launch.register)
+    except BaseException:
+        tracking.finish_run(uri, parent, failed=True)
+        raise
+    tracking.finish_run(uri, parent)
+    return summary
+
+
 def distill(run_dir: str, config: DistillConfig, ray: bool = False, wait: bool | float = False,
-            on_log=None) -> dict[str, Any]:
+            on_log: OnLog | None = None) -> dict[str, Any]:
     """Distil (or resume distilling) the run's newest ensemble: the dense student, the pairs (as Ray
     tasks with `ray`), the reflow student, then students.json. Checked before any work (`check`)."""
     check(run_dir, config)
     with steps.run_lease(run_dir, "archipelago distill", wait):
-        dense = train_dense(run_dir, config, on_log)
+        dense = train_dense(run_dir, config, _prefixed(on_log, "dense_"))
         missing = [i for i in range(len(shard_sizes(config))) if not storage.exists(shard_uri(run_dir, i))]
         if ray and missing:
             from archipelago.platform import islands
@@ -102,10 +129,16 @@ def distill(run_dir: str, config: DistillConfig, ray: bool = False, wait: bool |
                                   for i in missing])
         for i in missing:
             make_pairs(run_dir, i, config)  # kept as they are where the tasks wrote them
-        return record(run_dir, config, dense, train_reflow(run_dir, config, on_log))
+        return record(run_dir, config, dense, train_reflow(run_dir, config, _prefixed(on_log, "reflow_")))
 
 
-def train_dense(run_dir: str, config: DistillConfig, on_log=None) -> str:
+def _prefixed(on_log: OnLog | None, prefix: str) -> OnLog | None:
+    if on_log is None:
+        return None
+    return lambda step, metrics: on_log(step, {prefix + name: value for name, value in metrics.items()})
+
+
+def train_dense(run_dir: str, config: DistillConfig, on_log: OnLog | None = None) -> str:
     saved, student, _ = check(run_dir, config)
     ensemble, summary = steps.load_ensemble(run_dir, version=saved.get("version")), steps.read_summary(run_dir)
     prediction = steps.load_config(run_dir).prediction
@@ -162,7 +195,7 @@ def read_pairs(run_dir: str, config: DistillConfig, domain: Domain) -> BatchSamp
     return BatchSamples(concat(parts, domain.layout), domain.layout)
 
 
-def train_reflow(run_dir: str, config: DistillConfig, on_log=None) -> str:
+def train_reflow(run_dir: str, config: DistillConfig, on_log: OnLog | None = None) -> str:
     _, student, _ = check(run_dir, config)
     domain, run = steps.load_domain(run_dir), steps.load_config(run_dir)
     dense = latest_checkpoint(folder(run_dir, "dense"))

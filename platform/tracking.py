@@ -49,7 +49,7 @@ from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from archipelago.experts import storage
-from archipelago.platform import steps
+from archipelago.platform import distill, steps
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"  # the variable the runner passes to Ray workers
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nesting runs in its UI
@@ -379,7 +379,8 @@ def copy_for_sampling(run_dir: str, dest: str) -> str:
     """Copy into local `dest` only the files that `steps.load_ensemble` reads, at the same paths.
 
     That is run.json, domain.json, partition.json, ensemble.json, and model.safetensors + meta.json
-    of each checkpoint ensemble.json names: no records, optimizer state or older checkpoints.
+    of each checkpoint ensemble.json names (and students.json with its students' checkpoints, once
+    distilled): no records, optimizer state or older checkpoints.
     """
     names = [steps.RUN_FILE, steps.DOMAIN_FILE, steps.PARTITION_FILE, steps.ENSEMBLE_FILE]
     ensemble_uri = storage.join(run_dir, steps.ENSEMBLE_FILE)
@@ -387,6 +388,10 @@ def copy_for_sampling(run_dir: str, dest: str) -> str:
         raise FileNotFoundError(f"{run_dir} has no {steps.ENSEMBLE_FILE}: assemble the run before logging its model")
     ensemble = storage.read_json(ensemble_uri)
     checkpoints = ensemble["experts"] + [ensemble[part] for part in ("router", "codec") if ensemble.get(part)]
+    students = storage.join(run_dir, distill.STUDENTS, distill.STUDENTS_FILE)
+    if storage.exists(students):  # the distilled students sample from the same model (`model=student`)
+        names.append(f"{distill.STUDENTS}/{distill.STUDENTS_FILE}")
+        checkpoints += [storage.read_json(students)[model] for model in distill.MODELS]
     names += ["/".join([*parts, file]) for parts in checkpoints for file in ("model.safetensors", "meta.json")]
     for name in names:
         target = Path(dest, name)

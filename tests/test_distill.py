@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -129,11 +130,15 @@ def test_distill_writes_resumable_parts_and_students_sample_through_the_request(
     assert json.loads((students / "students.json").read_text())["reflow"][-1] == "step-00000010"
 
 
-def test_the_cli_distils_and_samples_the_student(fitted, tmp_path, capsys):
+def test_the_cli_distils_and_samples_the_student(fitted, tmp_path, capsys, monkeypatch):
     run_dir = shutil.copytree(fitted.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("students"))
     args = ["distill", "--run-dir", str(run_dir), "--dense-steps", "4", "--reflow-steps", "4", "--pairs", "6",
-            "--teacher-steps", "2", "--in-process", "--no-progress"]
-    assert cli.main(args) == 0 and "few-step student" in capsys.readouterr().out
+            "--teacher-steps", "2", "--in-process", "--no-progress", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            "--register", "distilled"]
+    assert cli.main(args) == 0 and "logged as models:/distilled/1" in capsys.readouterr().out
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    model = mlflow.pyfunc.load_model("models:/distilled/1")  # the run's model, its students inside
+    assert model.predict({"n": 2, "model": "student", "steps": 2, "solver": "euler"}).shape == (2, 8, 5)
     out = tmp_path / "student.npy"
     assert cli.main(["sample", "--run-dir", str(run_dir), "--model", "student", "-n", "3", "--steps", "2",
                      "--solver", "euler", "--out", str(out)]) == 0
@@ -157,3 +162,13 @@ def test_bad_distillations_are_refused_before_any_work(fitted, tmp_path, capsys)
     assert "--reflow-steps" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no students yet"):
         sdk.load(str(unassembled)).sample(2, model="student")
+
+
+def test_pairs_are_made_as_ray_tasks_and_match_the_in_process_ones(fitted, tmp_path, ray_local):
+    config = distill.DistillConfig(**SMALL)
+    runs = {}
+    for name, ray in (("ray", True), ("local", False)):
+        run_dir = shutil.copytree(fitted.run_dir, tmp_path / name, ignore=shutil.ignore_patterns("students"))
+        distill.distill(str(run_dir), config, ray=ray)
+        runs[name] = distill.read_pairs(str(run_dir), config, fitted.domain)
+    assert len(runs["ray"]) == 12 and runs["ray"].fingerprint() == runs["local"].fingerprint()  # seeded per shard
