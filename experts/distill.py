@@ -41,7 +41,7 @@ from archipelago.experts.denoiser import denoising_loss, noise_batch
 from archipelago.experts.domain import Domain
 from archipelago.experts.paths import GaussianPath
 from archipelago.experts.solvers import time_grid
-from archipelago.experts.training import TrainConfig, TrainResult, run_training, seeded
+from archipelago.experts.training import OnLog, ProgressBar, TrainConfig, TrainResult, run_training, seeded
 
 Teacher = Callable[[Batch, Tensor], Mapping[str, Tensor]]  # (x_t, t) -> mixable quantity per field
 
@@ -92,12 +92,15 @@ def reflow_loss(net: nn.Module, fields: Fields, pairs: Batch, generator: torch.G
 
 def train_student(domain: Domain, student: Domain, samples: Samples, config: TrainConfig, folder: str,
                   teacher: Teacher | None = None, prediction: Prediction = Prediction.VELOCITY,
-                  init: Mapping[str, Tensor] | None = None, on_log=None, progress_bar=None) -> TrainResult:
+                  init: Mapping[str, Tensor] | None = None, teacher_version: int | None = None,
+                  on_log: OnLog | None = None, progress_bar: ProgressBar | None = None) -> TrainResult:
     """Train a student network of `student`'s denoiser on `samples`, checkpointing to `folder`.
 
     With a `teacher`, the dense student on the run's data (`distillation_loss`); without one, the
     few-step student on pairs (`reflow_loss`), starting from `init` weights (the dense student's).
     Conditions are dropped to null with `condition_dropout` for both, so guidance still works.
+    `teacher_version` (the ensemble version distilled) is part of the checkpoint's config, so a
+    student of another version never resumes from this one's checkpoints.
     """
     check_student_fields(domain, student)
     net = seeded(student.denoiser_network, config.seed)
@@ -115,7 +118,7 @@ def train_student(domain: Domain, student: Domain, samples: Samples, config: Tra
     meta = {"kind": "student", "student": kind, "domain": domain.name, "domain_config": student.to_config(),
             "prediction": Prediction(prediction).value,
             "config": {"student": kind, "prediction": Prediction(prediction).value,
-                       "domain_config": student.to_config()}}
+                       "domain_config": student.to_config(), "teacher_version": teacher_version}}
     return run_training(net, loss_fn, samples, config, folder, meta, on_log, description=f"{kind} student",
                         progress_bar=progress_bar)
 

@@ -3,10 +3,13 @@
 The objectives are `archipelago.experts.distill`'s; this step puts them in the run directory,
 each part resumable like every other step:
 
-    students/dense/step-*/         the dense student's checkpoints (it matches the full mixture on the run's data)
-    students/pairs/part-*.parquet  (noise, ensemble sample) pairs, one shard per task, each written whole
-    students/reflow/step-*/        the few-step student's checkpoints (reflow on the pairs, from the dense student)
-    students/students.json         what was distilled, from which ensemble version; written last
+    students/v<N>/dense/step-*/         the dense student of ensemble version N (it matches the full
+                                        mixture on the run's data)
+    students/v<N>/pairs/part-*.parquet  (noise, ensemble sample) pairs, one shard per task, each written whole
+    students/v<N>/reflow/step-*/        the few-step student (reflow on the pairs, from the dense student)
+    students/students.json              the students sampled now, and their version; written last
+
+A new ensemble version (add-data, remove-expert) distils afresh into its own folder.
 
 The pairs need the whole ensemble but no data, so their shards run as Ray tasks on any island when
 the launch uses Ray, in this process otherwise. A student samples through the same request as the
@@ -25,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from archipelago.experts import storage
 from archipelago.experts.batch import Batch, concat
 from archipelago.experts.checkpoint import ema_weights, latest_checkpoint
+from archipelago.experts.codec import load_codec
 from archipelago.experts.data import BatchSamples
 from archipelago.experts.denoiser import Denoiser
 from archipelago.experts.distill import check_student_fields, pairs_batch, train_student
@@ -53,8 +57,9 @@ class DistillConfig(BaseModel):
     teacher: dict[str, Any] = {"strategy": "full", "solver": "heun", "steps": 20}  # how the pairs are sampled
 
 
-def folder(run_dir: str, *parts: str) -> str:
-    return storage.join(run_dir, STUDENTS, *parts)
+def folder(run_dir: str, version: int | None, *parts: str) -> str:
+    """A folder of the students of ensemble version `version` (each version distils afresh)."""
+    return storage.join(run_dir, STUDENTS, f"v{version or 0}", *parts)
 
 
 def student_domain(domain: Domain, settings: dict[str, Any]) -> Domain:
@@ -118,10 +123,11 @@ def distill(run_dir: str, config: DistillConfig, ray: bool = False, wait: bool |
             on_log: OnLog | None = None) -> dict[str, Any]:
     """Distil (or resume distilling) the run's newest ensemble: the dense student, the pairs (as Ray
     tasks with `ray`), the reflow student, then students.json. Checked before any work (`check`)."""
-    check(run_dir, config)
+    version = check(run_dir, config)[0].get("version")
     with steps.run_lease(run_dir, "archipelago distill", wait):
         dense = train_dense(run_dir, config, _prefixed(on_log, "dense_"))
-        missing = [i for i in range(len(shard_sizes(config))) if not storage.exists(shard_uri(run_dir, i))]
+        missing = [i for i in range(len(shard_sizes(config)))
+                   if not storage.exists(shard_uri(run_dir, i, version))]
         if ray and missing:
             from archipelago.platform import islands
 
@@ -141,15 +147,17 @@ def _prefixed(on_log: OnLog | None, prefix: str) -> OnLog | None:
 def train_dense(run_dir: str, config: DistillConfig, on_log: OnLog | None = None) -> str:
     saved, student, _ = check(run_dir, config)
     ensemble, summary = steps.load_ensemble(run_dir, version=saved.get("version")), steps.read_summary(run_dir)
-    prediction = steps.load_config(run_dir).prediction
+    run = steps.load_config(run_dir)
     data = steps.pooled_samples(run_dir, summary, ensemble.domain)
-    train = config.dense.model_copy(update={"seed": derive_seed(steps.load_config(run_dir).seed, "dense student")})
-    return train_student(ensemble.domain, student, data, train, folder(run_dir, "dense"), _mixture(ensemble),
-                         prediction, on_log=on_log).checkpoint
+    train = config.dense.model_copy(update={"seed": derive_seed(run.seed, "dense student")})
+    return train_student(ensemble.domain, student, data, train, folder(run_dir, saved.get("version"), "dense"),
+                         _mixture(ensemble),
+                         run.prediction, teacher_version=saved.get("version"), on_log=on_log).checkpoint
 
 
-def shard_uri(run_dir: str, shard: int) -> str:
-    return folder(run_dir, "pairs", f"part-{shard:05d}.parquet")
+def shard_uri(run_dir: str, shard: int, version: int | None) -> str:
+    """A pairs shard of the ensemble version it was sampled from (a new version never reuses them)."""
+    return folder(run_dir, version, "pairs", f"part-{shard:05d}.parquet")
 
 
 def shard_sizes(config: DistillConfig) -> list[int]:
@@ -159,10 +167,10 @@ def shard_sizes(config: DistillConfig) -> list[int]:
 
 def make_pairs(run_dir: str, shard: int, config: DistillConfig) -> str:
     """Shard `shard` of the pairs: noise and the ensemble's sample from it (kept when already written)."""
-    uri = shard_uri(run_dir, shard)
+    saved, _, teacher = check(run_dir, config)
+    uri = shard_uri(run_dir, shard, saved.get("version"))
     if storage.exists(uri):
         return uri
-    saved, _, teacher = check(run_dir, config)
     e = steps.load_ensemble(run_dir, version=saved.get("version"))
     seed = derive_seed(steps.load_config(run_dir).seed, "pairs", shard)
     request = teacher.model_copy(update={"n": shard_sizes(config)[shard], "seed": seed})
@@ -190,37 +198,40 @@ def table_tensors(table: pa.Table) -> Batch:
     return out
 
 
-def read_pairs(run_dir: str, config: DistillConfig, domain: Domain) -> BatchSamples:
-    parts = [table_tensors(steps.read_table(shard_uri(run_dir, i))) for i in range(len(shard_sizes(config)))]
+def read_pairs(run_dir: str, config: DistillConfig, domain: Domain, version: int | None) -> BatchSamples:
+    parts = [table_tensors(steps.read_table(shard_uri(run_dir, i, version))) for i in range(len(shard_sizes(config)))]
     return BatchSamples(concat(parts, domain.layout), domain.layout)
 
 
 def train_reflow(run_dir: str, config: DistillConfig, on_log: OnLog | None = None) -> str:
-    _, student, _ = check(run_dir, config)
+    saved, student, _ = check(run_dir, config)
     domain, run = steps.load_domain(run_dir), steps.load_config(run_dir)
-    dense = latest_checkpoint(folder(run_dir, "dense"))
+    dense = latest_checkpoint(folder(run_dir, saved.get("version"), "dense"))
     if dense is None:
         raise FileNotFoundError(f"{run_dir} has no dense student yet: the few-step student starts from it")
     train = config.reflow.model_copy(update={"seed": derive_seed(run.seed, "reflow student")})
-    return train_student(domain, student, read_pairs(run_dir, config, domain), train, folder(run_dir, "reflow"),
-                         prediction=run.prediction, init=ema_weights(dense), on_log=on_log).checkpoint
+    pairs = read_pairs(run_dir, config, domain, saved.get("version"))
+    return train_student(domain, student, pairs, train, folder(run_dir, saved.get("version"), "reflow"),
+                         prediction=run.prediction,
+                         init=ema_weights(dense), teacher_version=saved.get("version"), on_log=on_log).checkpoint
 
 
 def record(run_dir: str, config: DistillConfig, dense: str, reflow: str) -> dict[str, Any]:
     """Write students.json last: the students, their config and the ensemble version they distil."""
     saved = versions.load(run_dir)
+    where = [STUDENTS, f"v{saved.get('version') or 0}"]
     summary = {"ensemble_version": saved.get("version"), "config": config.model_dump(mode="json"),
-               "dense": [STUDENTS, "dense", storage.base_name(dense)],
-               "reflow": [STUDENTS, "reflow", storage.base_name(reflow)],
-               "cluster_sizes": [int(sum(saved["cluster_sizes"]))],
+               "dense": [*where, "dense", storage.base_name(dense)],
+               "reflow": [*where, "reflow", storage.base_name(reflow)],
+               "codec": saved.get("codec"), "cluster_sizes": [int(sum(saved["cluster_sizes"]))],
                "statistics": [merge_statistics(saved["statistics"])]}
-    storage.write_json(folder(run_dir, STUDENTS_FILE), summary)
+    storage.write_json(storage.join(run_dir, STUDENTS, STUDENTS_FILE), summary)
     return summary
 
 
 def load_student(run_dir: str, model: str, device: str | torch.device = "cpu") -> steps.LoadedEnsemble:
     """A student of the run as a one-expert ensemble (no router): `model` is dense or reflow."""
-    uri = folder(run_dir, STUDENTS_FILE)
+    uri = storage.join(run_dir, STUDENTS, STUDENTS_FILE)
     if not storage.exists(uri):
         raise FileNotFoundError(f"{run_dir} has no students yet: run `archipelago distill {run_dir}` first")
     saved = storage.read_json(uri)
@@ -229,5 +240,8 @@ def load_student(run_dir: str, model: str, device: str | torch.device = "cpu") -
     net = student_domain(domain, config.student).denoiser_network()
     net.load_state_dict(ema_weights(storage.join(run_dir, *saved[model])))
     student = Denoiser(net, domain.fields, steps.load_config(run_dir).prediction).to(device).eval()
+    decode = None
+    if saved.get("codec"):  # the student diffuses the ensemble's latents; the run's codec decodes them
+        decode = steps.decoder(domain, load_codec(domain, storage.join(run_dir, *saved["codec"]), device))
     return steps.LoadedEnsemble(domain=domain, experts=[student], router=None, cluster_sizes=saved["cluster_sizes"],
-                                statistics=saved["statistics"], expert_ids=[0])
+                                statistics=saved["statistics"], decode=decode, expert_ids=[0])

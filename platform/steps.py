@@ -543,7 +543,7 @@ def load_ensemble(run_dir: str, device: str | torch.device = "cpu", version: int
         router = _load_router(run_dir, domain, len(ids), storage.join(run_dir, *saved["router"])).to(device)
     decode = None
     if saved.get("codec"):
-        decode = _decoder(domain, load_codec(domain, storage.join(run_dir, *saved["codec"]), device))
+        decode = decoder(domain, load_codec(domain, storage.join(run_dir, *saved["codec"]), device))
     return LoadedEnsemble(domain=domain, experts=experts, router=router, cluster_sizes=saved["cluster_sizes"],
                           statistics=saved["statistics"], decode=decode, expert_ids=ids,
                           version=saved.get("version"))
@@ -593,7 +593,7 @@ def _intact(checkpoint: str, run_dir: str, k: int | None, ema: bool = False) -> 
                                 f"from the newest intact checkpoint), then `archipelago assemble`") from error
 
 
-def _decoder(domain: Domain, codec: torch.nn.Module) -> Callable[[Batch], Batch]:
+def decoder(domain: Domain, codec: torch.nn.Module) -> Callable[[Batch], Batch]:
     """Generated latents -> the records' fields, other tensors (conditions) kept."""
     def decode(latents: Batch) -> Batch:
         with torch.no_grad():

@@ -158,6 +158,18 @@ def test_every_strategy_samples_and_decodes(fitted, name, strategy):
     assert _same(out.batch, again.batch)  # a seed fixes the samples
 
 
+@pytest.mark.parametrize("name", BY_NAME)
+def test_every_domain_distils_into_students_that_sample_and_decode(fitted, name):
+    run = fitted(name)
+    tiny = {**TINY, "steps": 3}
+    run.distill(dense=tiny, reflow=tiny, pairs=4, teacher={"strategy": "full", "solver": "euler", "steps": 2})
+    for model in ("student", "dense"):
+        out = run.sample(5, model=model, solver="euler", steps=2, seed=1)
+        assert len(out.items) == 5 and out.router_calls_per_sample == 0
+        floats = [v for k, v in out.batch.items() if v.is_floating_point() and k not in run.domain.conditions]
+        assert all(torch.isfinite(v).all() for v in floats)
+
+
 @pytest.mark.parametrize("strategy", list(Strategy))
 @pytest.mark.parametrize("name", [case.name for case in CASES if case.conditions])
 def test_conditioned_and_guided_sampling(fitted, name, strategy):

@@ -115,18 +115,18 @@ def fitted(tmp_path_factory):
 def test_distill_writes_resumable_parts_and_students_sample_through_the_request(fitted):
     run = fitted.distill(**SMALL, student={"width": 8})
     students = Path(run.run_dir) / "students"
-    shards = sorted(p.name for p in (students / "pairs").glob("part-*.parquet"))
+    shards = sorted(p.name for p in (students / "v1" / "pairs").glob("part-*.parquet"))
     assert shards == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]  # 5 + 5 + 2 pairs
-    assert pq.read_table(students / "pairs" / shards[2]).column_names == ["name", "dtype", "shape", "data"]
+    assert pq.read_table(students / "v1" / "pairs" / shards[2]).column_names == ["name", "dtype", "shape", "data"]
     saved = json.loads((students / "students.json").read_text())
     assert saved["ensemble_version"] == 1 and saved["config"]["student"] == {"width": 8}
     for model in ("student", "dense"):
         out = run.sample(4, model=model, solver="euler", steps=2)
         assert out.items.shape == (4, 8, 5) and np.isfinite(out.items).all()
         assert out.expert_calls_per_sample == 2 and out.router_calls_per_sample == 0  # one network, no router
-    before = (students / "pairs" / shards[0]).stat().st_mtime_ns
+    before = (students / "v1" / "pairs" / shards[0]).stat().st_mtime_ns
     fitted.distill(**{**SMALL, "reflow": {**TINY, "steps": 10}}, student={"width": 8})  # resumes: pairs kept
-    assert (students / "pairs" / shards[0]).stat().st_mtime_ns == before
+    assert (students / "v1" / "pairs" / shards[0]).stat().st_mtime_ns == before
     assert json.loads((students / "students.json").read_text())["reflow"][-1] == "step-00000010"
 
 
@@ -170,5 +170,5 @@ def test_pairs_are_made_as_ray_tasks_and_match_the_in_process_ones(fitted, tmp_p
     for name, ray in (("ray", True), ("local", False)):
         run_dir = shutil.copytree(fitted.run_dir, tmp_path / name, ignore=shutil.ignore_patterns("students"))
         distill.distill(str(run_dir), config, ray=ray)
-        runs[name] = distill.read_pairs(str(run_dir), config, fitted.domain)
+        runs[name] = distill.read_pairs(str(run_dir), config, fitted.domain, version=1)
     assert len(runs["ray"]) == 12 and runs["ray"].fingerprint() == runs["local"].fingerprint()  # seeded per shard

@@ -118,7 +118,8 @@ def test_strategy_errors_name_what_is_missing():
     with pytest.raises(ValueError, match="assignment"):
         Ensemble([AnalyticExpert(0)], None, FIELDS, "sample")
     with pytest.raises(ValueError, match="router"):
-        Ensemble([AnalyticExpert(0)], None, FIELDS, "full")
+        Ensemble([AnalyticExpert(0), AnalyticExpert(1)], None, FIELDS, "full")
+    Ensemble([AnalyticExpert(0)], None, FIELDS, "full")  # one network (a student) has nothing to route
     with pytest.raises(ValueError, match="'best'"):
         Ensemble([AnalyticExpert(0)], None, FIELDS, "best")
 

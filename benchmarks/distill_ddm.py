@@ -1,0 +1,110 @@
+"""Benchmark: an ensemble against its distilled students (dense, and few-step by reflow) on time series.
+
+Distils a fitted K-expert run (a copy of it, so the source stays as it was) and scores the
+ensemble's strategy at 20 Heun steps, the dense student at the same solver, and the reflow
+student at 1, 2 and 4 Euler steps with the metrics of ANCHORS.md (3 repeats), network calls per
+sample and sampling wall time as a ratio to the ensemble's in the same run. The distillation's
+compute is reported as a share of the experts' training compute, counted in network passes over
+one sample (a training step costs about 3 passes per sample: forward and backward; the router is
+counted as one expert pass, which overstates it).
+
+    python benchmarks/distill_ddm.py --run-dir runs/benchmarks/stocks-4000/ddm-4 --out distill.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from archipelago.domains.timeseries.data import table_to_windows
+from archipelago.platform import sdk
+
+METRICS = ("context_fid", "correlational", "discriminative", "predictive", "vds", "fdds", "roughness")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True, help="a fitted, assembled K-expert run")
+    parser.add_argument("--work", default=None, help="where the distilled copy goes (default: <run-dir>-distilled)")
+    parser.add_argument("--strategy", default="sample", help="the ensemble's strategy (its best at 20 Heun steps)")
+    parser.add_argument("--dense-steps", type=int, default=2000)
+    parser.add_argument("--reflow-steps", type=int, default=2000)
+    parser.add_argument("--pairs", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=list(METRICS))
+    parser.add_argument("--out", default=None)
+    return parser.parse_args()
+
+
+def distil(args: argparse.Namespace) -> tuple[sdk.Run, float]:
+    work = Path(args.work or f"{args.run_dir.rstrip('/')}-distilled")
+    if not work.exists():
+        shutil.copytree(args.run_dir, work, ignore=shutil.ignore_patterns("students"))
+    train = {"batch_size": args.batch_size, "lr": 1e-3, "warmup_steps": 200, "checkpoint_every": 1000,
+             "progress": False}
+    start = time.perf_counter()
+    run = sdk.load(str(work)).distill(dense={**train, "steps": args.dense_steps},
+                                      reflow={**train, "steps": args.reflow_steps}, pairs=args.pairs,
+                                      teacher={"strategy": args.strategy, "solver": "heun", "steps": 20})
+    return run, time.perf_counter() - start
+
+
+def compute_share(run: sdk.Run, args: argparse.Namespace, teacher_calls: float) -> dict[str, float]:
+    """Network passes over one sample: the distillation's against the experts' training."""
+    k = len(run.ensemble.experts)
+    experts = k * run.config.expert.steps * run.config.expert.batch_size * 3
+    dense = args.dense_steps * args.batch_size * (3 + k + 1)  # student forward/backward + the full mixture
+    pairs = args.pairs * teacher_calls
+    reflow = args.reflow_steps * args.batch_size * 3
+    return {"experts": experts, "dense": dense, "pairs": pairs, "reflow": reflow,
+            "share": (dense + pairs + reflow) / experts}
+
+
+def score(run: sdk.Run, real: np.ndarray, label: str, settings: dict, args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    out = run.sample(args.samples, seed=1, **settings)
+    sample_s = time.perf_counter() - start
+    fake = run.domain.scaled(out.batch)
+    scores = {name: s.__dict__ for name, s in run.domain.evaluate_windows(
+        real, fake, metrics=args.metrics, repeats=args.repeats, progress=False).items()}
+    return {"model": label, "settings": settings, "calls": out.expert_calls_per_sample + out.router_calls_per_sample,
+            "sample_s": sample_s, "scores": scores}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    run, distill_s = distil(args)
+    real = table_to_windows(run.records()).astype(np.float64)
+    rows = [score(run, real, f"ensemble, {args.strategy}", {"strategy": args.strategy, "solver": "heun", "steps": 20},
+                  args),
+            score(run, real, "dense student", {"model": "dense", "solver": "heun", "steps": 20}, args)]
+    rows += [score(run, real, f"reflow student, {n} Euler step{'s' * (n > 1)}",
+                   {"model": "student", "solver": "euler", "steps": n}, args) for n in (1, 2, 4)]
+    share = compute_share(run, args, rows[0]["calls"])
+    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+                          f"{torch.__version__}", "args": vars(args), "distill_s": distill_s, "compute": share,
+               "rows": rows}
+    print(f"distillation: {distill_s:.0f} s; compute {share['share']:.2f} of the experts' training")
+    print("| model | calls / sample | time / ensemble's | " + " | ".join(args.metrics) + " |")
+    print("|---" * (len(args.metrics) + 3) + "|")
+    for row in rows:
+        cells = [f"{row['scores'][m]['mean']:.4f} ± {row['scores'][m]['interval']:.4f}" for m in args.metrics]
+        print(f"| {row['model']} | {row['calls']:.0f} | {row['sample_s'] / rows[0]['sample_s']:.2f} | "
+              + " | ".join(cells) + " |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
