@@ -3,7 +3,8 @@
 Distils a fitted K-expert run (a copy of it, so the source stays as it was) and scores the
 ensemble's strategy at 20 Heun steps, the dense student at the same solver, and the reflow
 student at 1, 2 and 4 Euler steps with the metrics of ANCHORS.md (3 repeats), network calls per
-sample and sampling wall time as a ratio to the ensemble's in the same run. The distillation's
+sample and sampling wall time as a ratio to the ensemble's in the same run; the pairs come from the
+full mixture (a deterministic coupling) unless told otherwise. The distillation's
 compute is reported as a share of the experts' training compute, counted in network passes over
 one sample (a training step costs about 3 passes per sample: forward and backward; the router is
 counted as one expert pass, which overstates it).
@@ -34,7 +35,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True, help="a fitted, assembled K-expert run")
     parser.add_argument("--work", default=None, help="where the distilled copy goes (default: <run-dir>-distilled)")
-    parser.add_argument("--strategy", default="sample", help="the ensemble's strategy (its best at 20 Heun steps)")
+    parser.add_argument("--strategies", nargs="+", default=["stochastic", "full"],
+                        help="the ensemble's rows at 20 Heun steps (the first is the time ratios' baseline)")
+    parser.add_argument("--teacher-strategy", default="full",
+                        help="the pairs' strategy (full: a deterministic coupling, the dense student's mixture)")
     parser.add_argument("--dense-steps", type=int, default=2000)
     parser.add_argument("--reflow-steps", type=int, default=2000)
     parser.add_argument("--pairs", type=int, default=4096)
@@ -55,7 +59,7 @@ def distil(args: argparse.Namespace) -> tuple[sdk.Run, float]:
     start = time.perf_counter()
     run = sdk.load(str(work)).distill(dense={**train, "steps": args.dense_steps},
                                       reflow={**train, "steps": args.reflow_steps}, pairs=args.pairs,
-                                      teacher={"strategy": args.strategy, "solver": "heun", "steps": 20})
+                                      teacher={"strategy": args.teacher_strategy, "solver": "heun", "steps": 20})
     return run, time.perf_counter() - start
 
 
@@ -86,12 +90,16 @@ def main() -> None:
     torch.set_num_threads(1)
     run, distill_s = distil(args)
     real = table_to_windows(run.records()).astype(np.float64)
-    rows = [score(run, real, f"ensemble, {args.strategy}", {"strategy": args.strategy, "solver": "heun", "steps": 20},
-                  args),
-            score(run, real, "dense student", {"model": "dense", "solver": "heun", "steps": 20}, args)]
+    rows = [score(run, real, f"ensemble, {strategy}", {"strategy": strategy, "solver": "heun", "steps": 20}, args)
+            for strategy in args.strategies]
+    teacher_calls = next((r["calls"] for r in rows if r["settings"]["strategy"] == args.teacher_strategy), None)
+    if teacher_calls is None:
+        teacher_calls = score(run, real, "teacher", {"strategy": args.teacher_strategy, "solver": "heun", "steps": 20},
+                              args)["calls"]
+    rows.append(score(run, real, "dense student", {"model": "dense", "solver": "heun", "steps": 20}, args))
     rows += [score(run, real, f"reflow student, {n} Euler step{'s' * (n > 1)}",
                    {"model": "student", "solver": "euler", "steps": n}, args) for n in (1, 2, 4)]
-    share = compute_share(run, args, rows[0]["calls"])
+    share = compute_share(run, args, teacher_calls)
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                           f"{torch.__version__}", "args": vars(args), "distill_s": distill_s, "compute": share,
                "rows": rows}
