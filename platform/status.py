@@ -1,5 +1,5 @@
 """A run's progress, read from storage: partition sizes, each training's latest step, assembled or
-not, and who writes the run and each training now (their leases).
+not, its distilled students, and who writes the run and each training now (their leases).
 
 Only complete checkpoints count (LATEST moves after their files), so this is safe while a fit
 writes the run directory from anywhere.
@@ -13,7 +13,7 @@ from typing import Any
 from archipelago.experts import storage
 from archipelago.experts.checkpoint import latest_checkpoint
 from archipelago.experts.lease import holder
-from archipelago.platform import steps, versions
+from archipelago.platform import distill, steps, versions
 
 
 def _progress(folder: str, configured: int) -> dict[str, Any]:
@@ -50,8 +50,19 @@ def run_status(run_dir: str) -> dict[str, Any]:
         "versions": [{key: v.get(key) for key in ("version", "expert_ids", "change", "at", "withdrawn")}
                      for v in versions.history(run_dir)],
         "assembled": storage.exists(storage.join(run_dir, steps.ENSEMBLE_FILE)),
+        "students": _students(run_dir),
         "writer": _writer(run_dir),
     }
+
+
+def _students(run_dir: str) -> dict[str, Any] | None:
+    """The distilled students sampled now (`model=student` / `dense`): their version and checkpoints."""
+    uri = storage.join(run_dir, distill.STUDENTS, distill.STUDENTS_FILE)
+    if not storage.exists(uri):
+        return None
+    saved = storage.read_json(uri)
+    return {"ensemble_version": saved["ensemble_version"],
+            **{model: "/".join(saved[model]) for model in distill.MODELS}}
 
 
 def status_text(status: dict[str, Any], as_json: bool = False) -> str:
@@ -69,6 +80,8 @@ def status_text(status: dict[str, Any], as_json: bool = False) -> str:
     lines += [
         f"partition: {'sizes ' + ', '.join(map(str, sizes)) if sizes else 'not yet'}",
         f"assembled: {'yes' if status['assembled'] else 'no'}",
+        *([f"students of version {st['ensemble_version']}: dense {st['dense']}, few-step {st['reflow']}"]
+          if (st := status["students"]) else []),
         *(f"version {v['version']}: experts {v['expert_ids']}, {v['change']} ({v['at']})"
           + (f", withdrawn: {v['withdrawn']}" if v["withdrawn"] else "") for v in status["versions"]),
         f"writer: {status['writer'] or 'none'}",

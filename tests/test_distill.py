@@ -25,6 +25,7 @@ from archipelago.experts.solvers import integrate
 from archipelago.experts.training import TrainConfig
 from archipelago.platform import cli, distill, runner, sdk
 from archipelago.platform.config import RunConfig
+from archipelago.platform.status import run_status, status_text
 from tests.test_ensemble import FIELDS, MU, PI, S, analytic_ensemble
 from tests.toy_domains import PointSetDomain, VectorDomain
 
@@ -172,3 +173,14 @@ def test_pairs_are_made_as_ray_tasks_and_match_the_in_process_ones(fitted, tmp_p
         distill.distill(str(run_dir), config, ray=ray)
         runs[name] = distill.read_pairs(str(run_dir), config, fitted.domain, version=1)
     assert len(runs["ray"]) == 12 and runs["ray"].fingerprint() == runs["local"].fingerprint()  # seeded per shard
+
+
+def test_a_new_ensemble_version_distils_afresh(fitted, tmp_path):
+    run_dir = shutil.copytree(fitted.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("students"))
+    run = sdk.load(str(run_dir)).distill(**SMALL)
+    run = run.remove_expert(1).distill(**SMALL)  # version 2: one expert left, so new students
+    saved = json.loads((run_dir / "students" / "students.json").read_text())
+    assert saved["ensemble_version"] == 2 and saved["reflow"][:2] == ["students", "v2"]
+    assert (run_dir / "students" / "v1" / "reflow").exists()  # the old version's students are kept as they were
+    assert run.sample(3, model="student", solver="euler", steps=1).items.shape == (3, 8, 5)
+    assert "students of version 2: dense students/v2/dense/step-00000008" in status_text(run_status(str(run_dir)))
