@@ -203,7 +203,8 @@ def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router
         parts.append({name: value.cpu() for name, value in (decode(out) if decode else out).items()})
         assignments.append(assignment)
         expert_calls += ensemble.evaluations.expert
-        router_calls += ensemble.evaluations.router + (len(ids) if request.strategy is Strategy.SAMPLE else 0)
+        drawn = request.strategy is Strategy.SAMPLE and router is not None  # the router asked once, at t = 1
+        router_calls += ensemble.evaluations.router + (len(ids) if drawn else 0)
     expert_calls += getattr(router, "expert_calls", 0)  # the likelihood router calls the experts
     return Generated(batch=concat(parts, domain.layout if decode is None else {}), assignment=None
                      if assignments[0] is None else torch.cat(assignments),
@@ -219,6 +220,8 @@ def _assignment(domain: Domain, request: SampleRequest, router: Router | None, c
         return oracle_assignment(len(ids), cluster_sizes, generator)
     if request.strategy is not Strategy.SAMPLE:
         return None
+    if router is None and cluster_sizes is not None and len(cluster_sizes) == 1:  # one network: nothing to draw
+        return torch.zeros(len(ids), dtype=torch.long)
     if router is None:
         raise ValueError("strategy 'sample' needs a router")
     # p(k | x_1, t = 1) on noise drawn from the merged template; the trajectory's own template is drawn next.

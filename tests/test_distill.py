@@ -125,6 +125,9 @@ def test_distill_writes_resumable_parts_and_students_sample_through_the_request(
         out = run.sample(4, model=model, solver="euler", steps=2)
         assert out.items.shape == (4, 8, 5) and np.isfinite(out.items).all()
         assert out.expert_calls_per_sample == 2 and out.router_calls_per_sample == 0  # one network, no router
+        for strategy in ("sample", "oracle", "stochastic", "full"):  # no error: one network routes nothing
+            routed = run.sample(4, model=model, solver="euler", steps=2, strategy=strategy)
+            assert routed.items.shape == (4, 8, 5) and routed.router_calls_per_sample == 0
     before = (students / "v1" / "pairs" / shards[0]).stat().st_mtime_ns
     fitted.distill(**{**SMALL, "reflow": {**TINY, "steps": 10}}, student={"width": 8})  # resumes: pairs kept
     assert (students / "v1" / "pairs" / shards[0]).stat().st_mtime_ns == before
