@@ -204,6 +204,9 @@ def _module_launch(args: argparse.Namespace) -> runner.Launch:
 
 
 def distill(args: argparse.Namespace) -> int:
+    if bool(args.run) == bool(args.run_dir):
+        raise ConfigError("distill: name the run directory once, as RUN_DIR or --run-dir")
+    args.run_dir = args.run or args.run_dir
     student = {}
     for item in args.student:
         key, sep, value = item.partition("=")
@@ -360,9 +363,12 @@ def _run_flags(p: argparse.ArgumentParser, tracked: bool = True) -> None:
 WRITERS = (fit, partition, train_expert, train_router, assemble, add_data, remove_expert, distill)  # they take a lease
 
 
-def _module_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of add-data and remove-expert: the run, where it trains and how it is tracked."""
-    p.add_argument("--run-dir", required=True, help="the run directory")
+def _module_flags(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    """The flags of add-data, remove-expert and distill: the run (`positional`: as RUN_DIR or
+    --run-dir), where it trains and how it is tracked."""
+    if positional:
+        p.add_argument("run", nargs="?", metavar="RUN_DIR", help="the run directory (or --run-dir)")
+    p.add_argument("--run-dir", required=not positional, help="the run directory")
     p.add_argument("--address", help="Ray GCS address host:port (default: RAY_ADDRESS, else Ray embedded)")
     p.add_argument("--in-process", action="store_true", help="train in this process, without Ray")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
@@ -420,7 +426,7 @@ def build_parser() -> Parser:
     p.add_argument("--expert", type=int, required=True, metavar="K", help="the expert to remove")
 
     p = command(distill, "Distil the ensemble into a dense student and a few-step (reflow) student.")
-    _module_flags(p)
+    _module_flags(p, positional=True)
     p.add_argument("--dense-steps", type=positive, default=2000, help="the dense student's steps (default 2000)")
     p.add_argument("--reflow-steps", type=positive, default=2000, help="the few-step student's steps (default 2000)")
     p.add_argument("--pairs", type=positive, default=4096, help="(noise, sample) pairs for reflow (default 4096)")

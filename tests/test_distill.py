@@ -136,7 +136,7 @@ def test_distill_writes_resumable_parts_and_students_sample_through_the_request(
 
 def test_the_cli_distils_and_samples_the_student(fitted, tmp_path, capsys, monkeypatch):
     run_dir = shutil.copytree(fitted.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("students"))
-    args = ["distill", "--run-dir", str(run_dir), "--dense-steps", "4", "--reflow-steps", "4", "--pairs", "6",
+    args = ["distill", str(run_dir), "--dense-steps", "4", "--reflow-steps", "4", "--pairs", "6",
             "--teacher-steps", "2", "--in-process", "--no-progress", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
             "--register", "distilled"]
     assert cli.main(args) == 0 and "logged as models:/distilled/1" in capsys.readouterr().out
@@ -164,6 +164,7 @@ def test_bad_distillations_are_refused_before_any_work(fitted, tmp_path, capsys)
         distill.DistillConfig(reflow={"steps": 0})
     assert cli.main(["distill", "--run-dir", fitted.run_dir, "--reflow-steps", "0"]) == 2
     assert "--reflow-steps" in capsys.readouterr().err
+    assert cli.main(["distill"]) == 2 and "RUN_DIR or --run-dir" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no students yet"):
         sdk.load(str(unassembled)).sample(2, model="student")
 
