@@ -18,6 +18,7 @@ ensemble (`SampleRequest.model`): it is a one-expert ensemble with no router.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from archipelago.experts.checkpoint import ema_weights, latest_checkpoint
 from archipelago.experts.codec import load_codec
 from archipelago.experts.data import BatchSamples
 from archipelago.experts.denoiser import Denoiser
-from archipelago.experts.distill import check_student_fields, pairs_batch, train_student
+from archipelago.experts.distill import Teacher, check_student_fields, pairs_batch, train_student
 from archipelago.experts.domain import Domain, merge_statistics
 from archipelago.experts.training import OnLog, TrainConfig, derive_seed
 from archipelago.platform import steps, versions
@@ -82,7 +83,7 @@ def check(run_dir: str, config: DistillConfig) -> tuple[dict[str, Any], Domain, 
     return saved, student, teacher
 
 
-def _mixture(ensemble: steps.LoadedEnsemble):
+def _mixture(ensemble: steps.LoadedEnsemble) -> Teacher:
     """The teacher of the dense student: the full mixture, sum_k p(k | x_t, t) u^(k)(x_t)."""
     domain = ensemble.domain
 
@@ -123,6 +124,7 @@ def distill(run_dir: str, config: DistillConfig, ray: bool = False, wait: bool |
             on_log: OnLog | None = None) -> dict[str, Any]:
     """Distil (or resume distilling) the run's newest ensemble: the dense student, the pairs (as Ray
     tasks with `ray`), the reflow student, then students.json. Checked before any work (`check`)."""
+    run_dir = run_dir if "://" in run_dir else os.path.abspath(run_dir)  # Ray workers resolve it in their own cwd
     version = check(run_dir, config)[0].get("version")
     with steps.run_lease(run_dir, "archipelago distill", wait):
         dense = train_dense(run_dir, config, _prefixed(on_log, "dense_"))
