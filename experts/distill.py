@@ -33,14 +33,14 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from archipelago.experts.batch import NOISE_SUFFIX, Batch, Fields, noise_key, num_samples, per_row
+from archipelago.experts.batch import NOISE_SUFFIX, Batch, Fields, noise_key, per_row
 from archipelago.experts.conditions import drop_conditions
 from archipelago.experts.conventions import Prediction
 from archipelago.experts.data import Samples
 from archipelago.experts.denoiser import denoising_loss, noise_batch
 from archipelago.experts.domain import Domain
 from archipelago.experts.paths import GaussianPath
-from archipelago.experts.solvers import time_grid
+from archipelago.experts.solvers import integrate
 from archipelago.experts.training import OnLog, ProgressBar, TrainConfig, TrainResult, run_training, seeded
 
 Teacher = Callable[[Batch, Tensor], Mapping[str, Tensor]]  # (x_t, t) -> mixable quantity per field
@@ -130,14 +130,15 @@ def straightness(model: Teacher, x_1: Batch, fields: Fields, steps: int = 64) ->
     gaussian = sorted(name for name, spec in fields.items() if isinstance(spec.path, GaussianPath))
     if not gaussian:
         raise ValueError("straightness is defined on continuous (Gaussian) fields; these fields have none")
-    grid, x, velocities = time_grid(steps, dtype=x_1[gaussian[0]].dtype), dict(x_1), []
-    b, device = num_samples(x_1, fields), x_1[gaussian[0]].device
-    with torch.no_grad():
-        for t, t_next in zip(grid[:-1], grid[1:], strict=True):
-            v = model(x, t.expand(b).to(device))
-            velocities.append({name: v[name] for name in gaussian})
-            x = {**x, **{name: x[name] + (t_next - t) * v[name] for name in gaussian}}
-    chord = {name: x_1[name] - x[name] for name in gaussian}
+    velocities = []
+
+    def recording(x_t: Batch, t: Tensor) -> Mapping[str, Tensor]:
+        v = model(x_t, t)
+        velocities.append({name: v[name] for name in gaussian})
+        return v
+
+    x_0 = integrate(recording, x_1, fields, "euler", steps)
+    chord = {name: x_1[name] - x_0[name] for name in gaussian}
     gaps = [sum(float(((chord[n] - v[n]) ** 2).sum()) for n in gaussian) for v in velocities]
     entries = sum(chord[n].numel() for n in gaussian)
     return sum(gaps) / len(gaps) / entries

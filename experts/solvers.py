@@ -80,19 +80,19 @@ def _combine(weights: tuple[float, ...], quantities: tuple[Mapping[str, Tensor],
 
 
 def _steps(x_1: Batch, grid: Tensor, fields: Fields):
-    """Yield (per-sample t, per-sample t_next) for every step of the grid."""
-    b = num_samples(x_1, fields)
-    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
-        yield t.expand(b).clone(), t_next.expand(b).clone()
+    """Yield (per-sample t, per-sample t_next, whether the step ends on the data) for every step.
 
-
-def _onto_data(t_next: Tensor) -> bool:
-    """Whether a step ends on the data (t = 0). There the velocity's target is the noise itself,
-    which no network can predict from clean data, so evaluating the model at t = 0 adds that
+    A step onto the data (t = 0) must not evaluate the model there: the velocity's target at t = 0
+    is the noise itself, which no network can predict from clean data, so that evaluation adds its
     unpredictable part to the sample as high-frequency noise. Like EDM's sampler (Karras et al.
-    2022, Algorithm 1), the higher-order solvers take their last step onto t = 0 as an Euler step:
-    the denoised estimate x_t - t v(x_t, t) itself. RK4's last step keeps its order without t = 0."""
-    return bool((t_next == 0).all())
+    2022, Algorithm 1), the higher-order solvers take that step as an Euler step (the denoised
+    estimate x_t - t v(x_t, t) itself); RK4 as Heun's third-order method, which keeps its order.
+    The flags come from the grid read once, not from a device sync per step.
+    """
+    b = num_samples(x_1, fields)
+    onto_data = [t_next == 0 for t_next in grid[1:].tolist()]
+    for t, t_next, last in zip(grid[:-1], grid[1:], onto_data, strict=True):
+        yield t.expand(b).clone(), t_next.expand(b).clone(), last
 
 
 def euler(model: Model, x_1: Batch, grid: Tensor, generator: torch.Generator | None = None,
@@ -100,7 +100,7 @@ def euler(model: Model, x_1: Batch, grid: Tensor, generator: torch.Generator | N
     """Explicit Euler: one model call per step (first order)."""
     fields = fields or _euclidean(x_1)
     x = impose(x_1, given)
-    for t, t_next in _steps(x_1, grid, fields):
+    for t, t_next, _ in _steps(x_1, grid, fields):
         x = _advance(fields, x, model(x, t), t, t_next, generator, given)
     return x
 
@@ -110,10 +110,10 @@ def heun(model: Model, x_1: Batch, grid: Tensor, generator: torch.Generator | No
     """Heun's method (explicit trapezoid): two model calls per step (second order), one on the last."""
     fields = fields or _euclidean(x_1)
     x = impose(x_1, given)
-    for t, t_next in _steps(x_1, grid, fields):
+    for t, t_next, onto_data in _steps(x_1, grid, fields):
         v_t = model(x, t)
         x_euler = _advance(fields, x, v_t, t, t_next, generator, given)
-        if _onto_data(t_next):
+        if onto_data:
             x = x_euler
             continue
         v_next = model(x_euler, t_next)
@@ -127,10 +127,10 @@ def rk4(model: Model, x_1: Batch, grid: Tensor, generator: torch.Generator | Non
     must not evaluate at t = 0, is Heun's third-order method (three calls, fourth order kept overall)."""
     fields = fields or _euclidean(x_1)
     x = impose(x_1, given)
-    for t, t_next in _steps(x_1, grid, fields):
+    for t, t_next, onto_data in _steps(x_1, grid, fields):
         t_mid = 0.5 * (t + t_next)
         k1 = model(x, t)
-        if _onto_data(t_next):  # Heun's third-order method: stages at 0, 1/3 and 2/3 of the step
+        if onto_data:  # Heun's third-order method: stages at 0, 1/3 and 2/3 of the step
             k2 = model(_advance(fields, x, k1, t, t + (t_next - t) / 3, generator, given), t + (t_next - t) / 3)
             t_two_thirds = t + 2 * (t_next - t) / 3
             k3 = model(_advance(fields, x, k2, t, t_two_thirds, generator, given), t_two_thirds)

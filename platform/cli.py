@@ -31,8 +31,6 @@ import dataclasses
 import os
 import sys
 
-import yaml
-
 from archipelago.experts.lease import LeaseHeld
 from archipelago.platform import cli_config, jobs, modules, runner, sample_files, sdk, steps, tasks, tracking
 from archipelago.platform import distill as dist
@@ -207,15 +205,7 @@ def distill(args: argparse.Namespace) -> int:
     if bool(args.run) == bool(args.run_dir):
         raise ConfigError("distill: name the run directory once, as RUN_DIR or --run-dir")
     args.run_dir = args.run or args.run_dir
-    student = {}
-    for item in args.student:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--student {item!r}: expected KEY=VALUE (a setting of the student's network)")
-        try:
-            student[key] = yaml.safe_load(value)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"--student {item!r}: invalid value: {' '.join(str(error).split())}") from error
+    student = cli_config.yaml_assignments("--student", args.student)
     try:
         config = dist.DistillConfig(student=student, pairs=args.pairs, pairs_per_shard=args.pairs_per_shard,
                                     dense={"steps": args.dense_steps, "progress": args.progress},
@@ -224,20 +214,15 @@ def distill(args: argparse.Namespace) -> int:
                                              "steps": args.teacher_steps})
     except ValueError as error:
         raise ConfigError(str(error)) from error
-    dist.check(args.run_dir, config)  # an assembled run, a student with its fields, a valid teacher
-    where = "in this process" if args.in_process else "the pairs as Ray tasks"
-    where += ", untracked" if args.no_tracking else ", tracked in MLflow with the model logged again"
     if args.dry_run:
+        dist.check(args.run_dir, config)  # an assembled run, a student with its fields, a valid teacher
+        where = "in this process" if args.in_process else "the pairs as Ray tasks"
+        where += ", untracked" if args.no_tracking else ", tracked in MLflow with the model logged again"
         print(f"# plan\ndistil {args.run_dir}: a dense student ({args.dense_steps} steps), {args.pairs} pairs from "
               f"the ensemble ({args.teacher_strategy}, {args.teacher_steps} Heun steps), a reflow student "
               f"({args.reflow_steps} steps); {where}")
         return 0
-    launch = _module_launch(args)
-    if launch.ray:
-        from archipelago.platform import islands
-
-        islands.connect(args.address)
-    summary = dist.distill_tracked(args.run_dir, config, launch)
+    summary = dist.distill_tracked(args.run_dir, config, _module_launch(args))  # checked there before any work
     logged = f"; logged as {summary['model_uri']}" if summary.get("model_uri") else ""
     print(f"distilled {args.run_dir} (ensemble version {summary['ensemble_version']}): dense student "
           f"{'/'.join(summary['dense'])}, few-step student {'/'.join(summary['reflow'])}; sample them with "

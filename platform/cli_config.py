@@ -315,10 +315,19 @@ def _array(flag: str, name: str, path: str) -> np.ndarray:
 def _condition_value(name: str, text: str) -> Any:
     if text.endswith(".npy"):
         return _array("--condition", name, text)
+    return _yaml_value("--condition", name, text)
+
+
+def _yaml_value(flag: str, name: str, text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"--condition {name}={text}: invalid value: {_one_line(str(error))}") from error
+        raise ConfigError(f"{flag} {name}={text}: invalid value: {_one_line(str(error))}") from error
+
+
+def yaml_assignments(flag: str, items: Sequence[str]) -> dict[str, Any]:
+    """Repeated NAME=VALUE flags as a mapping, each VALUE read as YAML; a bad one is a ConfigError naming it."""
+    return {name: _yaml_value(flag, name, text) for name, text in _assignments(flag, items).items()}
 
 
 def request_from_args(args: argparse.Namespace) -> SampleRequest:

@@ -19,6 +19,7 @@ ensemble (`SampleRequest.model`): it is a one-expert ensemble with no router.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,7 @@ from archipelago.router.sampling import SampleRequest, sample_ensemble
 
 STUDENTS = "students"
 STUDENTS_FILE = "students.json"
-MODELS = ("dense", "reflow")  # the students a request can name (`student` is the few-step one)
+MODELS = {"student": "reflow", "dense": "dense"}  # SampleRequest.model -> its student in students.json
 
 
 class DistillConfig(BaseModel):
@@ -70,7 +71,20 @@ def student_domain(domain: Domain, settings: dict[str, Any]) -> Domain:
     return student
 
 
-def check(run_dir: str, config: DistillConfig) -> tuple[dict[str, Any], Domain, SampleRequest]:
+@dataclass(frozen=True)
+class Checked:
+    """What `check` found: the ensemble version to distil, the student's domain, the pairs' request."""
+
+    ensemble: dict[str, Any]  # the newest ensemble version's record (versions.load)
+    student: Domain
+    teacher: SampleRequest
+
+    @property
+    def version(self) -> int | None:
+        return self.ensemble.get("version")
+
+
+def check(run_dir: str, config: DistillConfig) -> Checked:
     """Everything a distillation needs, checked before any work: an assembled ensemble, a student
     with the run's fields, and a valid teacher request."""
     try:
@@ -79,12 +93,12 @@ def check(run_dir: str, config: DistillConfig) -> tuple[dict[str, Any], Domain, 
         raise FileNotFoundError(f"cannot distil {run_dir}: {error} (run `archipelago fit` or `archipelago assemble` "
                                 f"first)") from error
     student = student_domain(steps.load_domain(run_dir), config.student)
-    teacher = SampleRequest(**{**config.teacher, "n": config.pairs_per_shard})
-    return saved, student, teacher
+    return Checked(saved, student, SampleRequest(**{**config.teacher, "n": config.pairs_per_shard}))
 
 
 def _mixture(ensemble: steps.LoadedEnsemble) -> Teacher:
-    """The teacher of the dense student: the full mixture, sum_k p(k | x_t, t) u^(k)(x_t)."""
+    """The teacher of the dense student: the full mixture, sum_k p(k | x_t, t) u^(k)(x_t). A fresh
+    Ensemble per call, because an Ensemble keeps every call's routing for its trace and attribution."""
     domain = ensemble.domain
 
     def teacher(x_t: Batch, t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -99,10 +113,11 @@ def distill_tracked(run_dir: str, config: DistillConfig, launch: Launch) -> dict
     (the students' losses, prefixed dense_ and reflow_), and the run's model logged again with its
     students: a new version of the registered model with `launch.register`."""
     if not launch.track:
-        return distill(run_dir, config, ray=launch.ray, wait=launch.wait)
+        return distill(run_dir, config, ray=launch.ray, wait=launch.wait, address=launch.address)
     from archipelago.platform import tracking
 
-    check(run_dir, config)
+    run_dir = _absolute(run_dir)
+    checked = check(run_dir, config)
     uri = tracking.resolve_tracking_uri(launch.tracking_uri)
     tracking.check_tracking(uri)
     saved = steps.load_config(run_dir)
@@ -111,7 +126,7 @@ def distill_tracked(run_dir: str, config: DistillConfig, launch: Launch) -> dict
                                    run_dir, run_name="distill")
     try:
         with tracking.ChildRun(uri, parent, "students", {"students": True}) as child:
-            summary = distill(run_dir, config, ray=launch.ray, wait=launch.wait, on_log=child.log)
+            summary = _distill(run_dir, config, checked, launch.ray, launch.wait, launch.address, child.log)
         summary["model_uri"] = tracking.log_ensemble_model(uri, parent, run_dir, launch.register)
     except BaseException:
         tracking.finish_run(uri, parent, failed=True)
@@ -121,23 +136,35 @@ def distill_tracked(run_dir: str, config: DistillConfig, launch: Launch) -> dict
 
 
 def distill(run_dir: str, config: DistillConfig, ray: bool = False, wait: bool | float = False,
-            on_log: OnLog | None = None) -> dict[str, Any]:
+            address: str | None = None, on_log: OnLog | None = None) -> dict[str, Any]:
     """Distil (or resume distilling) the run's newest ensemble: the dense student, the pairs (as Ray
-    tasks with `ray`), the reflow student, then students.json. Checked before any work (`check`)."""
-    run_dir = run_dir if "://" in run_dir else os.path.abspath(run_dir)  # Ray workers resolve it in their own cwd
-    version = check(run_dir, config)[0].get("version")
+    tasks with `ray`, on the cluster at `address`: default RAY_ADDRESS, else embedded; Ray starts
+    only when pairs are missing), the reflow student, then students.json. Checked before any work."""
+    run_dir = _absolute(run_dir)
+    return _distill(run_dir, config, check(run_dir, config), ray, wait, address, on_log)
+
+
+def _absolute(run_dir: str) -> str:
+    return run_dir if "://" in run_dir else os.path.abspath(run_dir)  # Ray workers resolve it in their own cwd
+
+
+def _distill(run_dir: str, config: DistillConfig, checked: Checked, ray: bool, wait: bool | float,
+             address: str | None, on_log: OnLog | None) -> dict[str, Any]:
     with steps.run_lease(run_dir, "archipelago distill", wait):
-        dense = train_dense(run_dir, config, _prefixed(on_log, "dense_"))
+        dense = _train_dense(run_dir, config, checked, _prefixed(on_log, "dense_"))
         missing = [i for i in range(len(shard_sizes(config)))
-                   if not storage.exists(shard_uri(run_dir, i, version))]
+                   if not storage.exists(shard_uri(run_dir, i, checked.version))]
         if ray and missing:
             from archipelago.platform import islands
 
-            islands.submit_tasks([islands.TaskSpec(make_pairs, (run_dir, i, config), name=f"pairs-{i}")
-                                  for i in missing])
+            if address:
+                islands.connect(address)
+            islands.submit_tasks([islands.TaskSpec(make_pairs, (run_dir, i, config, checked.version),
+                                                   name=f"pairs-{i}") for i in missing])
         for i in missing:
-            make_pairs(run_dir, i, config)  # kept as they are where the tasks wrote them
-        return record(run_dir, config, dense, train_reflow(run_dir, config, _prefixed(on_log, "reflow_")))
+            make_pairs(run_dir, i, config, checked.version)  # kept as they are where the tasks wrote them
+        reflow = _train_reflow(run_dir, config, checked, _prefixed(on_log, "reflow_"))
+        return _record(run_dir, config, checked, dense, reflow)
 
 
 def _prefixed(on_log: OnLog | None, prefix: str) -> OnLog | None:
@@ -146,15 +173,14 @@ def _prefixed(on_log: OnLog | None, prefix: str) -> OnLog | None:
     return lambda step, metrics: on_log(step, {prefix + name: value for name, value in metrics.items()})
 
 
-def train_dense(run_dir: str, config: DistillConfig, on_log: OnLog | None = None) -> str:
-    saved, student, _ = check(run_dir, config)
-    ensemble, summary = steps.load_ensemble(run_dir, version=saved.get("version")), steps.read_summary(run_dir)
+def _train_dense(run_dir: str, config: DistillConfig, checked: Checked, on_log: OnLog | None) -> str:
+    ensemble, summary = steps.load_ensemble(run_dir, version=checked.version), steps.read_summary(run_dir)
     run = steps.load_config(run_dir)
     data = steps.pooled_samples(run_dir, summary, ensemble.domain)
     train = config.dense.model_copy(update={"seed": derive_seed(run.seed, "dense student")})
-    return train_student(ensemble.domain, student, data, train, folder(run_dir, saved.get("version"), "dense"),
-                         _mixture(ensemble),
-                         run.prediction, teacher_version=saved.get("version"), on_log=on_log).checkpoint
+    return train_student(ensemble.domain, checked.student, data, train, folder(run_dir, checked.version, "dense"),
+                         _mixture(ensemble), run.prediction, teacher_version=checked.version,
+                         on_log=on_log).checkpoint
 
 
 def shard_uri(run_dir: str, shard: int, version: int | None) -> str:
@@ -167,20 +193,22 @@ def shard_sizes(config: DistillConfig) -> list[int]:
     return [config.pairs_per_shard] * full + ([rest] if rest else [])
 
 
-def make_pairs(run_dir: str, shard: int, config: DistillConfig) -> str:
-    """Shard `shard` of the pairs: noise and the ensemble's sample from it (kept when already written)."""
-    saved, _, teacher = check(run_dir, config)
-    uri = shard_uri(run_dir, shard, saved.get("version"))
+def make_pairs(run_dir: str, shard: int, config: DistillConfig, version: int | None) -> str:
+    """Shard `shard` of the pairs of ensemble `version`: noise and the ensemble's sample from it
+    (kept when already written). A task of its own: it needs the run's storage, nothing else."""
+    uri = shard_uri(run_dir, shard, version)
     if storage.exists(uri):
         return uri
-    e = steps.load_ensemble(run_dir, version=saved.get("version"))
+    e = steps.load_ensemble(run_dir, version=version)
     seed = derive_seed(steps.load_config(run_dir).seed, "pairs", shard)
-    request = teacher.model_copy(update={"n": shard_sizes(config)[shard], "seed": seed})
+    request = SampleRequest(**{**config.teacher, "n": shard_sizes(config)[shard], "seed": seed})
     generated = sample_ensemble(e.domain, e.experts, e.router, request, e.cluster_sizes, e.statistics, keep_noise=True)
     steps.write_table(uri, tensors_table(pairs_batch(generated.batch, generated.noise, e.domain.fields)))
     return uri
 
 
+# Our own tensor table: codec.latents_to_table stores dense [N, ...] tensors only, and the pairs of
+# variable-size domains hold ragged levels and index tensors beside them.
 def tensors_table(batch: Batch) -> pa.Table:
     """A batch as a Parquet-ready table: one row per tensor (name, dtype, shape, raw little-endian bytes)."""
     names = sorted(batch)
@@ -205,24 +233,22 @@ def read_pairs(run_dir: str, config: DistillConfig, domain: Domain, version: int
     return BatchSamples(concat(parts, domain.layout), domain.layout)
 
 
-def train_reflow(run_dir: str, config: DistillConfig, on_log: OnLog | None = None) -> str:
-    saved, student, _ = check(run_dir, config)
+def _train_reflow(run_dir: str, config: DistillConfig, checked: Checked, on_log: OnLog | None) -> str:
     domain, run = steps.load_domain(run_dir), steps.load_config(run_dir)
-    dense = latest_checkpoint(folder(run_dir, saved.get("version"), "dense"))
+    dense = latest_checkpoint(folder(run_dir, checked.version, "dense"))
     if dense is None:
         raise FileNotFoundError(f"{run_dir} has no dense student yet: the few-step student starts from it")
     train = config.reflow.model_copy(update={"seed": derive_seed(run.seed, "reflow student")})
-    pairs = read_pairs(run_dir, config, domain, saved.get("version"))
-    return train_student(domain, student, pairs, train, folder(run_dir, saved.get("version"), "reflow"),
-                         prediction=run.prediction,
-                         init=ema_weights(dense), teacher_version=saved.get("version"), on_log=on_log).checkpoint
+    pairs = read_pairs(run_dir, config, domain, checked.version)
+    return train_student(domain, checked.student, pairs, train, folder(run_dir, checked.version, "reflow"),
+                         prediction=run.prediction, init=ema_weights(dense), teacher_version=checked.version,
+                         on_log=on_log).checkpoint
 
 
-def record(run_dir: str, config: DistillConfig, dense: str, reflow: str) -> dict[str, Any]:
+def _record(run_dir: str, config: DistillConfig, checked: Checked, dense: str, reflow: str) -> dict[str, Any]:
     """Write students.json last: the students, their config and the ensemble version they distil."""
-    saved = versions.load(run_dir)
-    where = [STUDENTS, f"v{saved.get('version') or 0}"]
-    summary = {"ensemble_version": saved.get("version"), "config": config.model_dump(mode="json"),
+    saved, where = checked.ensemble, [STUDENTS, f"v{checked.version or 0}"]
+    summary = {"ensemble_version": checked.version, "config": config.model_dump(mode="json"),
                "dense": [*where, "dense", storage.base_name(dense)],
                "reflow": [*where, "reflow", storage.base_name(reflow)],
                "codec": saved.get("codec"), "cluster_sizes": [int(sum(saved["cluster_sizes"]))],
@@ -232,7 +258,8 @@ def record(run_dir: str, config: DistillConfig, dense: str, reflow: str) -> dict
 
 
 def load_student(run_dir: str, model: str, device: str | torch.device = "cpu") -> steps.LoadedEnsemble:
-    """A student of the run as a one-expert ensemble (no router): `model` is dense or reflow."""
+    """A student of the run as a one-expert ensemble (no router): `model` as in SampleRequest
+    (student: the few-step one, or dense)."""
     uri = storage.join(run_dir, STUDENTS, STUDENTS_FILE)
     if not storage.exists(uri):
         raise FileNotFoundError(f"{run_dir} has no students yet: run `archipelago distill {run_dir}` first")
@@ -240,7 +267,7 @@ def load_student(run_dir: str, model: str, device: str | torch.device = "cpu") -
     config = DistillConfig(**saved["config"])
     domain = steps.load_domain(run_dir)
     net = student_domain(domain, config.student).denoiser_network()
-    net.load_state_dict(ema_weights(storage.join(run_dir, *saved[model])))
+    net.load_state_dict(ema_weights(storage.join(run_dir, *saved[MODELS[model]])))
     student = Denoiser(net, domain.fields, steps.load_config(run_dir).prediction).to(device).eval()
     decode = None
     if saved.get("codec"):  # the student diffuses the ensemble's latents; the run's codec decodes them

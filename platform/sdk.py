@@ -67,7 +67,7 @@ class Run:
         if (device, model) not in self._ensembles:
             self._ensembles[device, model] = (
                 steps.load_ensemble(self.run_dir, device, self.version) if model == "ensemble"
-                else distill.load_student(self.run_dir, "reflow" if model == "student" else model, device))
+                else distill.load_student(self.run_dir, model, device))
         return self._ensembles[device, model]
 
     def request(self, n: int | SampleRequest | None = None, **settings: Any) -> SampleRequest:

@@ -62,7 +62,7 @@ def _students(run_dir: str) -> dict[str, Any] | None:
         return None
     saved = storage.read_json(uri)
     return {"ensemble_version": saved["ensemble_version"],
-            **{model: "/".join(saved[model]) for model in distill.MODELS}}
+            **{key: "/".join(saved[key]) for key in distill.MODELS.values()}}
 
 
 def status_text(status: dict[str, Any], as_json: bool = False) -> str:

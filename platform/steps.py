@@ -409,10 +409,6 @@ def generation_of(summary: dict[str, Any]) -> int:
     return summary.get("generation", 0)
 
 
-def expert_steps(run_dir: str, config: RunConfig, k: int) -> int:
-    return steps_of(read_summary(run_dir), config, k)
-
-
 def steps_of(summary: dict[str, Any], config: RunConfig, k: int) -> int:
     """Expert k's training steps: the run's, or more for an expert whose partition grew."""
     return summary.get("expert_steps", {}).get(str(k), config.expert.steps)

@@ -391,7 +391,8 @@ def copy_for_sampling(run_dir: str, dest: str) -> str:
     students = storage.join(run_dir, distill.STUDENTS, distill.STUDENTS_FILE)
     if storage.exists(students):  # the distilled students sample from the same model (`model=student`)
         names.append(f"{distill.STUDENTS}/{distill.STUDENTS_FILE}")
-        checkpoints += [storage.read_json(students)[model] for model in distill.MODELS]
+        saved = storage.read_json(students)
+        checkpoints += [saved[key] for key in distill.MODELS.values()]
     names += ["/".join([*parts, file]) for parts in checkpoints for file in ("model.safetensors", "meta.json")]
     for name in names:
         target = Path(dest, name)

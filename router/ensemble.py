@@ -98,7 +98,7 @@ class Ensemble(nn.Module):
         self.strategy = Strategy(strategy)
         if self.strategy in FIXED and assignment is None:
             raise ValueError(f"strategy {self.strategy.value!r} needs a per-sample expert assignment")
-        if self.strategy not in FIXED and router is None and len(experts) > 1:
+        if self.strategy not in FIXED and router is None and len(experts) > 1:  # one network routes nothing
             raise ValueError(f"strategy {self.strategy.value!r} needs a router")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -132,10 +132,10 @@ class Ensemble(nn.Module):
 
     def weights(self, x_t: Batch, t: Tensor, unconditional: bool = False) -> Tensor:
         """w_k(x_t, t) for every sample and expert, [B, K] (`unconditional`: guidance's second pass)."""
+        if len(self.experts) == 1:  # one network: nothing to route, the router is not called
+            return torch.ones(len(t), 1, dtype=t.dtype, device=t.device)
         if self.strategy in FIXED:
             return nn.functional.one_hot(self.assignment.to(t.device), len(self.experts)).to(t.dtype)
-        if len(self.experts) == 1:  # a monolith: nothing to route, the router is not called
-            return torch.ones(len(t), 1, dtype=t.dtype, device=t.device)
         posterior = self.posterior(x_t, t, unconditional)
         if self.strategy is Strategy.STOCHASTIC:
             drawn = torch.multinomial(posterior.float().cpu(), 1, generator=self.generator).squeeze(1)

@@ -181,9 +181,13 @@ def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router
     if request.router == "likelihood":
         router = LikelihoodRouter(experts, domain.fields, cluster_sizes, request.likelihood_draws, generator)
     parts, assignments, attributions, traces, noises, expert_calls, router_calls = [], [], [], [], [], 0, 0
+    alone = len(experts) == 1 and router is None  # one network without a router (a student): nothing to draw
     for start in range(0, request.n, request.batch_size):
         ids = torch.arange(start, min(start + request.batch_size, request.n))
-        assignment = _assignment(domain, request, router, cluster_sizes, statistics, ids, generator)
+        if alone:  # every trajectory is the one network's
+            assignment = torch.zeros(len(ids), dtype=torch.long) if request.strategy in FIXED else None
+        else:
+            assignment = _assignment(domain, request, router, cluster_sizes, statistics, ids, generator)
         template = _templates(domain, ids, assignment, statistics, request.given, request.n, generator)
         template.update(condition_batch(domain.conditions, _subset(request.conditions, ids, request.n), len(ids)))
         given = {name: Given.from_values(values) for name, values in
@@ -203,7 +207,7 @@ def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router
         parts.append({name: value.cpu() for name, value in (decode(out) if decode else out).items()})
         assignments.append(assignment)
         expert_calls += ensemble.evaluations.expert
-        drawn = request.strategy is Strategy.SAMPLE and router is not None  # the router asked once, at t = 1
+        drawn = request.strategy is Strategy.SAMPLE and not alone  # the router asked once, at t = 1
         router_calls += ensemble.evaluations.router + (len(ids) if drawn else 0)
     expert_calls += getattr(router, "expert_calls", 0)  # the likelihood router calls the experts
     return Generated(batch=concat(parts, domain.layout if decode is None else {}), assignment=None
@@ -220,8 +224,6 @@ def _assignment(domain: Domain, request: SampleRequest, router: Router | None, c
         return oracle_assignment(len(ids), cluster_sizes, generator)
     if request.strategy is not Strategy.SAMPLE:
         return None
-    if router is None and cluster_sizes is not None and len(cluster_sizes) == 1:  # one network: nothing to draw
-        return torch.zeros(len(ids), dtype=torch.long)
     if router is None:
         raise ValueError("strategy 'sample' needs a router")
     # p(k | x_1, t = 1) on noise drawn from the merged template; the trajectory's own template is drawn next.
