@@ -19,7 +19,13 @@ def _timeseries() -> type[Domain]:
     return TimeSeriesDomain
 
 
-DOMAINS: dict[str, Callable[[], type[Domain]]] = {"timeseries": _timeseries}
+def _graphs() -> type[Domain]:
+    from archipelago.domains.graphs.domain import GraphDomain
+
+    return GraphDomain
+
+
+DOMAINS: dict[str, Callable[[], type[Domain]]] = {"timeseries": _timeseries, "graphs": _graphs}
 
 
 def domain_class(name: str) -> type[Domain]:

@@ -82,13 +82,18 @@ def as_layout(spec: Layout | Fields) -> Layout:
 
 
 def num_samples(batch: Batch, spec: Layout | Fields) -> int:
-    """The number of samples B in a batch."""
+    """The number of samples B in a batch: from the index tensors of its levels where there are any
+    (fields alone may not name every level: a graph's node index is no field's index when only its
+    pairs are diffused, and would pass for a per-sample tensor), else from a per-sample tensor."""
     layout = as_layout(spec)
+    counts = [int(batch[index].max().item()) + 1 for index in sorted(layout.indices)
+              if index in batch and batch[index].numel()]
+    if counts:
+        return max(counts)
     for name in sorted(batch):
         if name not in layout.indices and layout.level_of(name) is None:
             return batch[name].shape[0]
-    counts = [int(batch[index].max().item()) + 1 for index in sorted(layout.indices) if batch[index].numel()]
-    return max(counts, default=0)
+    return 0
 
 
 def per_row(values: Tensor, batch: Batch, spec: FieldSpec) -> Tensor:

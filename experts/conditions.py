@@ -42,10 +42,13 @@ class Condition:
         return torch.long if self.categorical else torch.float32
 
     def encode(self, value: Any) -> float | int:
-        """A user's value (a class name or index, a number, or None for null) as the tensor value."""
+        """A user's value (a class name or index, a number, or None for null) as the tensor value. A number
+        that is also a class name means that class, not that index."""
         if value is None:
             return self.null
         if self.categorical:
+            if not isinstance(value, (str, bool)) and str(value) in self.classes:
+                value = str(value)  # classes named by numbers (2..5 communities): 3 names class "3"
             if isinstance(value, str):
                 if value not in self.classes:
                     raise ValueError(f"condition {self.name!r} has no class {value!r}; classes: {list(self.classes)}")

@@ -11,7 +11,8 @@ Beyond that core, a domain may declare (each has a default that declares nothing
 - `statistics`: additive per-partition counts (atoms or nodes per sample) that `template` draws
   from, saved with each expert so that the template is drawn after the expert is chosen;
 - `given_masks` (training) and `given_values` (sampling): entries of fields fixed by the user;
-- `codec_network`: a latent stage (an autoencoder) between records and the diffused fields.
+- `codec_network`: a latent stage (an autoencoder) between records and the diffused fields;
+- `sample_records`: generated samples as records that `ingest` reads back (sample files).
 """
 
 from __future__ import annotations
@@ -129,6 +130,11 @@ class Domain(ABC):
                                  f"{tuple(like.shape)} or {tuple(like.shape[1:])}")
             out[name] = array.to(like.dtype)
         return out
+
+    def sample_records(self, batch: Batch) -> pa.Table | None:
+        """Generated samples as records in the table format `ingest` reads back (what `sample --out
+        X.parquet` writes for domains without DataFrames), or None where the domain has no such format."""
+        return None
 
     def codec_network(self) -> nn.Module | None:
         """A fresh codec (autoencoder), or None: `encode(batch) -> latents`, `decode(latents) -> batch`,

@@ -2,7 +2,9 @@
 
 .npy holds the decoded samples in the user's units ([n, L, C] windows for time series); .csv and
 .parquet hold a long table (columns sample, step, then the channels) for domains that decode to
-DataFrames. `read` takes a .npy back through the run's own domain (`ingest(fit=False)`: the run's
+DataFrames. Domains with records of their own (`Domain.sample_records`: graphs) write .parquet as
+those records, and `read` takes such a file back through `ingest(fit=False)`. `read` takes a .npy
+back through the run's own domain (`ingest(fit=False)`: the run's
 fitted scaler), so metrics are computed in the scaled space the experts learned, exactly as
 `Run.evaluate` does for samples in memory. Errors are ValueErrors naming the file. `score_table`
 prints the scores of `evaluate`.
@@ -19,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 from archipelago.experts.domain import Domain
@@ -39,10 +42,21 @@ def _frame(samples: Samples, domain: Domain) -> pd.DataFrame:
     ]
 
 
+def _writes_records(domain: Domain) -> bool:
+    return type(domain).sample_records is not Domain.sample_records
+
+
+def _write_parquet(path: str, samples: Samples, domain: Domain) -> None:
+    if _writes_records(domain):
+        pq.write_table(domain.sample_records(samples.batch), path)
+    else:
+        _frame(samples, domain).to_parquet(path, index=False)
+
+
 WRITERS: dict[str, Callable[[str, Samples, Domain], None]] = {
     ".npy": _write_npy,
     ".csv": lambda path, samples, domain: _frame(samples, domain).to_csv(path, index=False),
-    ".parquet": lambda path, samples, domain: _frame(samples, domain).to_parquet(path, index=False),
+    ".parquet": _write_parquet,
 }
 
 
@@ -57,7 +71,10 @@ def check_target(path: str, domain: Domain) -> None:
     """Everything `write` needs, checked before any sampling: a known file type that the domain
     writes, and a folder that exists and can be written (ValueError / OSError naming `path`)."""
     check_suffix(path)
-    if Path(path).suffix.lower() != ".npy" and getattr(domain, "decode_frames", None) is None:
+    suffix = Path(path).suffix.lower()
+    if _writes_records(domain) and suffix != ".parquet":
+        raise ValueError(f"{path}: the {domain.name} domain writes its samples as records: write a .parquet file")
+    if suffix != ".npy" and not _writes_records(domain) and getattr(domain, "decode_frames", None) is None:
         raise ValueError(f"{path}: the {domain.name} domain does not decode to tables: write a .npy file")
     folder = Path(path).resolve().parent
     if Path(path).is_dir():
@@ -91,12 +108,16 @@ def write_attribution(path: str, attribution: pd.DataFrame) -> str:
 
 
 def read(path: str, domain: Domain) -> Samples:
-    """Samples from a .npy file in user units, back in the domain's tensors (see the module docstring)."""
-    if Path(path).suffix.lower() != ".npy":
-        raise ValueError(f"{path}: expected a .npy file written by `archipelago sample`")
-    items = np.load(path)
+    """Samples from a .npy file in user units (or a .parquet of records), back in the domain's tensors
+    (see the module docstring)."""
+    expected = ".parquet" if _writes_records(domain) else ".npy"
+    if Path(path).suffix.lower() != expected:
+        raise ValueError(f"{path}: expected a {expected} file written by `archipelago sample`")
+    items = str(path) if _writes_records(domain) else np.load(path)
     table = domain.ingest(items, fit=False)
     batch = domain.samples(table).batch(torch.arange(table.num_rows))
+    if _writes_records(domain):
+        items = domain.decode(batch)
     return Samples(items=items, batch=batch, strategy="file", expert_calls_per_sample=float("nan"),
                    router_calls_per_sample=float("nan"))
 

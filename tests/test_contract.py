@@ -24,6 +24,8 @@ import pytest
 import torch
 
 from archipelago.domains import DOMAINS
+from archipelago.domains.graphs import synthetic
+from archipelago.domains.graphs.domain import GraphDomain
 from archipelago.domains.timeseries.domain import TimeSeriesDomain
 from archipelago.experts.domain import Domain
 from archipelago.experts.solvers import Given
@@ -48,6 +50,23 @@ def _composition(run: sdk.Run, n: int) -> dict[str, Any]:
     return {"node_type": [[i % 2 for i in range(3 + k % 3)] for k in range(n)]}
 
 
+def _labelled_communities(count: int) -> list:
+    """Community-small graphs with node labels (the community: "a" or "b") and a categorical size
+    condition, so that the graph domain's node field, conditions and given labels are all exercised."""
+    graphs = synthetic.community_small(count)
+    for g in graphs:
+        n = g.number_of_nodes()
+        for i in g.nodes:
+            g.nodes[i]["label"] = "a" if i < n // 2 else "b"
+        g.graph["size"] = "small" if n < 16 else "large"
+    return graphs
+
+
+def _node_labels(run: sdk.Run, n: int) -> dict[str, Any]:
+    """Node labels given per graph, sizes varying (the number of nodes follows the given labels)."""
+    return {"node_type": [["a", "b"] * (2 + k % 2) for k in range(n)]}
+
+
 def _two_blobs(n: int) -> np.ndarray:
     centres = np.repeat([[3.0, 0.0], [-3.0, 0.0]], n // 2, axis=0)
     return centres + np.random.default_rng(0).normal(size=centres.shape)
@@ -67,6 +86,10 @@ class Case:
 CASES = [
     Case("timeseries", lambda: TimeSeriesDomain(window=8, width=16, depth=1, heads=2, router_width=16, router_depth=1),
          lambda: "sines:96", given=_forecast, evaluate={"metrics": ["correlational", "vds"], "repeats": 1}),
+    Case("graphs", lambda: GraphDomain(max_nodes=20, conditions=["size"], width=16, edge_width=4, depth=1, heads=2,
+                                       router_width=8, router_depth=1),
+         lambda: _labelled_communities(32), conditions={"size": "small"}, given=_node_labels,
+         evaluate={"train": _labelled_communities(8)}),
     Case("vectors", VectorDomain, lambda: _two_blobs(96)),
     Case("pointsets", PointSetDomain, lambda: point_sets(96)),
     Case("toygraphs", ToyGraphDomain, lambda: toy_graphs(96), conditions={"family": "ring", "density": 0.3},

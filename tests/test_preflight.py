@@ -65,7 +65,7 @@ def closed_port() -> int:
 
 
 def test_unknown_domain(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown domain 'timeseriez'.*built-in domains: \['timeseries'\]"):
+    with pytest.raises(ValueError, match=r"unknown domain 'timeseriez'.*built-in domains: \['graphs', 'timeseries'\]"):
         fit(tmp_path / "run", domain="timeseriez")
     assert_nothing_written(tmp_path / "run")
 

@@ -1,0 +1,1 @@
+"""Graphs: a graph-generation domain on torch-geometric (SPECTRE / DiGress benchmarks)."""
