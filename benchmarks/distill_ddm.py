@@ -1,8 +1,9 @@
-"""Benchmark: an ensemble against its distilled students (dense, and few-step by reflow) on time series.
+"""Benchmark: an ensemble against its distilled students (dense, and few-step by reflow): time series, graphs.
 
 Distils a fitted K-expert run (a copy of it, so the source stays as it was) and scores the
 ensemble's strategy at 20 Heun steps, the dense student at the same solver, and the reflow
-student at 1, 2 and 4 Euler steps with the metrics of ANCHORS.md (3 repeats), network calls per
+student at 1, 2 and 4 Euler steps with the metrics of ANCHORS.md (3 repeats: of the metric for
+time series, of the samples' seed for graphs, whose metrics are deterministic), network calls per
 sample and sampling wall time as a ratio to the ensemble's in the same run; the pairs come from the
 full mixture (a deterministic coupling) unless told otherwise. The distillation's
 compute is reported as a share of the experts' training compute, counted in network passes over
@@ -10,6 +11,11 @@ one sample (a training step costs about 3 passes per sample: forward and backwar
 counted as one expert pass, which overstates it).
 
     python benchmarks/distill_ddm.py --run-dir runs/benchmarks/stocks-4000/ddm-4 --out distill.json
+    python benchmarks/distill_ddm.py --run-dir runs/benchmarks/graphs-community-small-4000/ddm-4 \
+        --real community-small:test --samples 100 --sampler-steps 100
+
+Graphs are scored against `--real` (novelty against the run's own records); their masked path is
+integrated with Euler steps, and `--sampler-steps` replaces the ensemble's and dense student's 20.
 """
 
 from __future__ import annotations
@@ -21,14 +27,18 @@ import platform
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from archipelago.domains.graphs import metrics as graph_metrics
+from archipelago.domains.graphs.data import table_to_graphs
 from archipelago.domains.timeseries.data import table_to_windows
 from archipelago.platform import sdk
 
 METRICS = ("context_fid", "correlational", "discriminative", "predictive", "vds", "fdds", "roughness")
+GRAPH_METRICS = ("degree", "clustering", "orbit", "spectral", "unique", "novel", "valid", "vun")
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,11 +56,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=list(METRICS))
+    parser.add_argument("--real", default=None, help="graphs: the reference set, a source the domain reads")
+    parser.add_argument("--sampler-steps", type=int, default=20, help="the ensemble's and dense student's steps")
     parser.add_argument("--out", default=None)
     return parser.parse_args()
 
 
-def distil(args: argparse.Namespace) -> tuple[sdk.Run, float]:
+def distil(args: argparse.Namespace, solver: dict) -> tuple[sdk.Run, float]:
     work = Path(args.work or f"{args.run_dir.rstrip('/')}-distilled")
     if not work.exists():
         shutil.copytree(args.run_dir, work, ignore=shutil.ignore_patterns("students"))
@@ -59,7 +71,7 @@ def distil(args: argparse.Namespace) -> tuple[sdk.Run, float]:
     start = time.perf_counter()
     run = sdk.load(str(work)).distill(dense={**train, "steps": args.dense_steps},
                                       reflow={**train, "steps": args.reflow_steps}, pairs=args.pairs,
-                                      teacher={"strategy": args.teacher_strategy, "solver": "heun", "steps": 20})
+                                      teacher={"strategy": args.teacher_strategy, **solver})
     return run, time.perf_counter() - start
 
 
@@ -74,7 +86,9 @@ def compute_share(run: sdk.Run, args: argparse.Namespace, teacher_calls: float) 
             "share": (dense + pairs + reflow) / experts}
 
 
-def score(run: sdk.Run, real: np.ndarray, label: str, settings: dict, args: argparse.Namespace) -> dict:
+def score(run: sdk.Run, real: Any, label: str, settings: dict, args: argparse.Namespace) -> dict:
+    if run.domain.name == "graphs":
+        return score_graphs(run, real, label, settings, args)
     start = time.perf_counter()
     out = run.sample(args.samples, seed=1, **settings)
     sample_s = time.perf_counter() - start
@@ -85,18 +99,47 @@ def score(run: sdk.Run, real: np.ndarray, label: str, settings: dict, args: argp
             "sample_s": sample_s, "scores": scores}
 
 
+def score_graphs(run: sdk.Run, real: dict, label: str, settings: dict, args: argparse.Namespace) -> dict:
+    """Graph metrics of `repeats` sample sets (seeds 1, 2, ...): mean and 95% interval of each."""
+    rows, seconds = [], 0.0
+    for repeat in range(args.repeats):
+        start = time.perf_counter()
+        out = run.sample(args.samples, seed=1 + repeat, **settings)
+        seconds += time.perf_counter() - start
+        rows.append(graph_metrics.graph_metrics(real["test"], out.items, train=real["train"],
+                                                validity=run.domain.config.validity))
+    scores = {}
+    for name in rows[0]:
+        values = np.array([r[name] for r in rows])
+        interval = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+        scores[name] = {"mean": float(values.mean()), "interval": float(interval)}
+    return {"model": label, "settings": settings, "calls": out.expert_calls_per_sample + out.router_calls_per_sample,
+            "sample_s": seconds / args.repeats, "scores": scores}
+
+
+def reference(run: sdk.Run, args: argparse.Namespace) -> Any:
+    """What samples are scored against: the run's windows, or a graph reference set and the training graphs."""
+    if run.domain.name != "graphs":
+        return table_to_windows(run.records()).astype(np.float64)
+    if args.real is None:
+        raise SystemExit("graphs need --real, the reference set (for example community-small:test)")
+    args.metrics = [m for m in GRAPH_METRICS if run.domain.config.validity or m not in ("valid", "vun")]
+    return {"test": table_to_graphs(run.domain.ingest(args.real, fit=False)), "train": table_to_graphs(run.records())}
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
-    run, distill_s = distil(args)
-    real = table_to_windows(run.records()).astype(np.float64)
-    rows = [score(run, real, f"ensemble, {strategy}", {"strategy": strategy, "solver": "heun", "steps": 20}, args)
+    graphs = sdk.load(args.run_dir).domain.name == "graphs"  # a masked path: Euler steps
+    solver = {"solver": "euler" if graphs else "heun", "steps": args.sampler_steps}
+    run, distill_s = distil(args, solver)
+    real = reference(run, args)
+    rows = [score(run, real, f"ensemble, {strategy}", {"strategy": strategy, **solver}, args)
             for strategy in args.strategies]
     teacher_calls = next((r["calls"] for r in rows if r["settings"]["strategy"] == args.teacher_strategy), None)
     if teacher_calls is None:
-        teacher_calls = score(run, real, "teacher", {"strategy": args.teacher_strategy, "solver": "heun", "steps": 20},
-                              args)["calls"]
-    rows.append(score(run, real, "dense student", {"model": "dense", "solver": "heun", "steps": 20}, args))
+        teacher_calls = score(run, real, "teacher", {"strategy": args.teacher_strategy, **solver}, args)["calls"]
+    rows.append(score(run, real, "dense student", {"model": "dense", **solver}, args))
     rows += [score(run, real, f"reflow student, {n} Euler step{'s' * (n > 1)}",
                    {"model": "student", "solver": "euler", "steps": n}, args) for n in (1, 2, 4)]
     share = compute_share(run, args, teacher_calls)
