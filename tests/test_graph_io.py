@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch_geometric.data import Data, InMemoryDataset
 
-from archipelago.domains.graphs import io, synthetic
+from archipelago.domains.graphs import io, synthetic, writers
 
 
 def _labelled(gid: str, n: int, seed: int, edge_labels=("a", "b")) -> nx.Graph:
@@ -52,7 +52,7 @@ def graphs() -> list[nx.Graph]:
 
 def test_data_round_trip_keeps_structure_labels_and_properties(graphs):
     vocab = ["a", "b"]
-    data = [io.to_data(g, edge_vocab=vocab) for g in graphs]
+    data = [writers.to_data(g, edge_vocab=vocab) for g in graphs]
     assert data[0].edge_index.shape[1] == 2 * graphs[0].number_of_edges()  # both directions
     assert data[0].x.dtype == torch.long and data[0].edge_attr.dtype == torch.long
     back = _canonical(io.read_graphs(data))
@@ -104,7 +104,7 @@ class _Graphs(InMemoryDataset):
 
 
 def test_in_memory_dataset_reads_back(graphs, tmp_path):
-    _Graphs(str(tmp_path), [io.to_data(g, edge_vocab=["a", "b"]) for g in graphs])
+    _Graphs(str(tmp_path), [writers.to_data(g, edge_vocab=["a", "b"]) for g in graphs])
     dataset = _Graphs(str(tmp_path))  # from the processed file
     back = _canonical(io.read_graphs(dataset))
     assert len(back) == len(graphs)
@@ -113,7 +113,7 @@ def test_in_memory_dataset_reads_back(graphs, tmp_path):
 
 
 def test_edge_list_folder_round_trip(graphs, tmp_path):
-    paths = io.write_edge_lists(graphs, tmp_path / "lists")
+    paths = writers.write_edge_lists(graphs, tmp_path / "lists")
     assert [p.name for p in paths] == ["g0.csv", "g1.csv", "g2.csv"]
     assert paths[0].read_text().splitlines()[0] == "source,target,label"
     back = _canonical(io.read_graphs(tmp_path / "lists"))
@@ -124,7 +124,7 @@ def test_edge_list_folder_round_trip(graphs, tmp_path):
 
 @pytest.mark.parametrize("name", ["edges.csv", "edges.tsv"])
 def test_edge_table_round_trip(graphs, tmp_path, name):
-    path = io.write_edge_table(graphs, tmp_path / name)
+    path = writers.write_edge_table(graphs, tmp_path / name)
     assert list(pd.read_csv(path, sep=None, engine="python").columns) == ["graph_id", "source", "target", "label"]
     back = _canonical(io.read_graphs(path))
     assert [h.graph["id"] for h in back] == ["g0", "g1", "g2"]
@@ -235,9 +235,9 @@ def test_table_without_graph_id_names_the_file_and_column(tmp_path):
 
 def test_writers_refuse_non_canonical_graphs_and_leave_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="normalize it first"):
-        io.to_data(nx.Graph([("a", "b")], id="strings"))
+        writers.to_data(nx.Graph([("a", "b")], id="strings"))
     with pytest.raises(ValueError, match="name more than one graph"):
-        io.write_edge_lists([nx.path_graph(2), nx.path_graph(3)], tmp_path / "same")  # both ids "?"
+        writers.write_edge_lists([nx.path_graph(2), nx.path_graph(3)], tmp_path / "same")  # both ids "?"
 
     def fail(frame, path, **kwargs):
         Path(path).write_text("source,tar")
@@ -245,7 +245,7 @@ def test_writers_refuse_non_canonical_graphs_and_leave_no_partial_file(tmp_path,
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", fail)
     with pytest.raises(OSError, match="disk full"):
-        io.write_edge_table([nx.path_graph(3)], tmp_path / "table.csv")
+        writers.write_edge_table([nx.path_graph(3)], tmp_path / "table.csv")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch_geometric.data import Data
 
-from archipelago.domains.graphs import data, io, metrics, synthetic
+from archipelago.domains.graphs import data, io, metrics, synthetic, writers
 from archipelago.domains.graphs.networks import GraphNetConfig, GraphTransformer
 from archipelago.experts.batch import Batch, Fields, FieldSpec, Layout
 from archipelago.experts.conditions import Condition
@@ -315,7 +315,7 @@ class GraphDomain(Domain):
     def decode_data(self, batch: Batch) -> list[Data]:
         """Generated graphs as torch-geometric `Data`: label codes of the vocabularies in `x` and `edge_attr`."""
         c = self.config
-        return [io.to_data(g, c.node_labels, c.edge_labels) for g in self.decode(batch)]
+        return [writers.to_data(g, c.node_labels, c.edge_labels) for g in self.decode(batch)]
 
     def sample_records(self, batch: Batch) -> pa.Table:
         """Generated graphs as records (the Parquet format `ingest` reads back)."""
