@@ -26,6 +26,7 @@ of them is an error naming them.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -144,8 +145,12 @@ class GraphDomain(Domain):
             self.config = self.config.model_copy(update=self._fitted(clean))
         else:
             self._check_vocabulary(clean)
+        return self._records(clean)
+
+    def _records(self, graphs: Sequence[nx.Graph]) -> pa.Table:
+        """Canonical graphs as records with the run's vocabularies and condition columns."""
         c = self.config
-        return data.graphs_to_table(clean, c.condition_classes, node_labels=c.node_labels is not None,
+        return data.graphs_to_table(graphs, c.condition_classes, node_labels=c.node_labels is not None,
                                     edge_labels=c.edge_labels is not None)
 
     def read(self, source: Any) -> list[nx.Graph]:
@@ -308,7 +313,7 @@ class GraphDomain(Domain):
         for name, condition in self.conditions.items():
             if name in batch:
                 for graph, value in zip(graphs, batch[name].cpu().tolist(), strict=True):
-                    if not (condition.categorical and value == condition.null) and value == value:
+                    if not (value == condition.null if condition.categorical else math.isnan(value)):
                         graph.graph[name] = condition.classes[int(value)] if condition.categorical else value
         return graphs
 
@@ -319,9 +324,7 @@ class GraphDomain(Domain):
 
     def sample_records(self, batch: Batch) -> pa.Table:
         """Generated graphs as records (the Parquet format `ingest` reads back)."""
-        c = self.config
-        return data.graphs_to_table(self.decode(batch), c.condition_classes, node_labels=c.node_labels is not None,
-                                    edge_labels=c.edge_labels is not None)
+        return self._records(self.decode(batch))
 
     def evaluate(self, real: pa.Table, generated: Batch, **options: Any) -> dict[str, Any]:
         """The metrics of ANCHORS.md (`metrics.graph_metrics`) against `real`: squared MMDs of degree,

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch_geometric.utils import to_dense_adj, to_dense_batch
 
 from archipelago.experts.conditions import Condition
+from archipelago.experts.embeddings import TimestepEmbedder
 
 EIGENVALUES = 5  # smallest non-zero Laplacian eigenvalues in the graph features
 EIGENVECTORS = 2  # first non-trivial eigenvectors in the node features
@@ -73,7 +74,7 @@ def lay_out(x_t: dict[str, Tensor], b: int, edge_categories: int) -> Dense:
     starts = torch.cumsum(counts, 0) - counts
     local = torch.arange(len(nodes), device=nodes.device) - starts[nodes]
     n = max(int(counts.max()), 1) if len(nodes) else 1
-    _, node_mask = to_dense_batch(torch.zeros(len(nodes), 1, device=nodes.device), nodes, batch_size=b, max_num_nodes=n)
+    node_mask = torch.arange(n, device=nodes.device) < counts[:, None]  # [B, n], as to_dense_batch pads
     i, j = x_t["pair_index"][:, 0], x_t["pair_index"][:, 1]
     pairs = torch.stack([nodes[i], local[i], local[j]], 1)
     edge = x_t["edge_type"]
@@ -132,20 +133,6 @@ def spectral_features(adjacency: Tensor, node_mask: Tensor) -> tuple[Tensor, Ten
     return node, graph
 
 
-class TimeEmbedding(nn.Module):
-    """Sinusoidal features of t in [0, 1] followed by an MLP: t [B] -> [B, D]."""
-
-    def __init__(self, width: int, frequencies: int = 64):
-        super().__init__()
-        self.frequencies = frequencies
-        self.mlp = nn.Sequential(nn.Linear(2 * frequencies, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, t: Tensor) -> Tensor:
-        freqs = torch.exp(-math.log(1000.0) * torch.arange(self.frequencies, device=t.device) / self.frequencies)
-        args = 1000.0 * t.float()[:, None] * freqs[None]  # t scaled so the frequencies span [0, 1]
-        return self.mlp(torch.cat([args.cos(), args.sin()], -1))
-
-
 class ConditionEmbedding(nn.Module):
     """Graph-level conditions as one vector [B, D]: a class embedding (null included) per categorical
     condition, a linear map of (value, present) per continuous one."""
@@ -169,7 +156,7 @@ class ConditionEmbedding(nn.Module):
 
 
 class GraphTransformerLayer(nn.Module):
-    """One DiGress layer: E-modulated per-channel attention over nodes, pairs updated from the scores,
+    """One DiGress layer: E-modulated attention (per head) over nodes, pairs updated from the scores,
     y-FiLM on both, y updated from pooled nodes and pairs; residuals and post-norms as in DiGress."""
 
     def __init__(self, dx: int, de: int, dy: int, heads: int):
@@ -234,7 +221,8 @@ class GraphTransformer(nn.Module):
         self.embed_x = nn.Sequential(nn.Linear(node_in, dx), nn.SiLU(), nn.Linear(dx, dx))
         self.embed_e = nn.Sequential(nn.Linear(c.edge_categories + 1, de), nn.SiLU(), nn.Linear(de, de))
         self.embed_y = nn.Sequential(nn.Linear(GRAPH_STRUCTURE + 1, dx), nn.SiLU(), nn.Linear(dx, dx))
-        self.time = TimeEmbedding(dx)
+        # 64 frequencies over periods up to 1000 (of t scaled by 1000): the whole of t in [0, 1]
+        self.time = TimestepEmbedder(dx, frequency_dim=128, max_period=1000.0)
         self.condition = ConditionEmbedding(c.conditions, dx)
         self.layers = nn.ModuleList(GraphTransformerLayer(dx, de, dx, c.heads) for _ in range(c.depth))
         if c.outputs is None:

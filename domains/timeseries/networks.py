@@ -13,12 +13,13 @@ token, and reads logits of p(k | x_t, t) from the CLS output.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from archipelago.experts.embeddings import TimestepEmbedder
 
 
 @dataclass(frozen=True)
@@ -59,29 +60,6 @@ def _check_shape(channels: int, length: int, width: int, depth: int, heads: int)
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: x * (1 + scale) + shift, with per-sample shift and scale broadcast over tokens."""
     return x * (1 + scale[:, None]) + shift[:, None]
-
-
-class TimestepEmbedder(nn.Module):
-    """Sinusoidal embedding of t in [0, 1] followed by an MLP: t [B] -> c [B, D]."""
-
-    def __init__(self, width: int, frequency_dim: int = 256, max_period: float = 10_000.0) -> None:
-        super().__init__()
-        self.frequency_dim = frequency_dim
-        self.max_period = max_period
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
-
-    def sinusoid(self, t: Tensor) -> Tensor:
-        # t is scaled to [0, 1000] so that the frequencies of the usual max_period span the range of t
-        # (with t in [0, 1] most channels would barely move).
-        half = self.frequency_dim // 2
-        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)  # [H]
-        args = 1000.0 * t.float()[:, None] * freqs[None]  # [B, H]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, 2H]
-
-    def forward(self, t: Tensor) -> Tensor:
-        if t.ndim != 1:
-            raise ValueError(f"expected t of shape [B], got {list(t.shape)}")
-        return self.mlp(self.sinusoid(t).to(self.mlp[0].weight.dtype))  # [B, D]
 
 
 class TokenEmbedder(nn.Module):
