@@ -35,6 +35,7 @@ import torch
 from archipelago.domains.graphs import metrics as graph_metrics
 from archipelago.domains.graphs.data import table_to_graphs
 from archipelago.domains.timeseries.data import table_to_windows
+from archipelago.domains.timeseries.metrics import Score
 from archipelago.platform import sdk
 
 METRICS = ("context_fid", "correlational", "discriminative", "predictive", "vds", "fdds", "roughness")
@@ -108,11 +109,7 @@ def score_graphs(run: sdk.Run, real: dict, label: str, settings: dict, args: arg
         seconds += time.perf_counter() - start
         rows.append(graph_metrics.graph_metrics(real["test"], out.items, train=real["train"],
                                                 validity=run.domain.config.validity))
-    scores = {}
-    for name in rows[0]:
-        values = np.array([r[name] for r in rows])
-        interval = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-        scores[name] = {"mean": float(values.mean()), "interval": float(interval)}
+    scores = {key: Score.of([r[key] for r in rows]).__dict__ for key in rows[0]}
     return {"model": label, "settings": settings, "calls": out.expert_calls_per_sample + out.router_calls_per_sample,
             "sample_s": seconds / args.repeats, "scores": scores}
 

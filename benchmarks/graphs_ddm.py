@@ -28,6 +28,7 @@ import torch
 
 from archipelago.domains.graphs import metrics, synthetic
 from archipelago.domains.graphs.domain import GraphDomain
+from archipelago.domains.timeseries.metrics import Score
 from archipelago.platform import sdk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,11 +107,7 @@ def score(run: sdk.Run, splits: dict, label: str, settings: dict, samples: int, 
         calls = (out.expert_calls_per_sample, out.router_calls_per_sample)
         rows.append(all_metrics(splits["test"], out.items, splits["train"], validity))
         coverage.append(clusters.coverage(out)["total_variation"])
-    scores = {}
-    for key in rows[0]:
-        values = np.array([r[key] for r in rows])
-        interval = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-        scores[key] = {"mean": float(values.mean()), "interval": float(interval)}
+    scores = {key: Score.of([r[key] for r in rows]).__dict__ for key in rows[0]}
     return {"strategy": label, "settings": settings, "expert_calls": calls[0], "router_calls": calls[1],
             "sample_s": seconds / args.repeats, "coverage_tv": float(np.mean(coverage)), "scores": scores}
 
