@@ -107,8 +107,8 @@ def score_graphs(run: sdk.Run, real: dict, label: str, settings: dict, args: arg
         start = time.perf_counter()
         out = run.sample(args.samples, seed=1 + repeat, **settings)
         seconds += time.perf_counter() - start
-        rows.append(graph_metrics.graph_metrics(real["test"], out.items, train=real["train"],
-                                                validity=run.domain.config.validity))
+        rows.append({**graph_metrics.mmds(real["test"], graph_metrics.describe(out.items)),
+                     **graph_metrics.sample_metrics(out.items, real["train"], run.domain.config.validity)})
     scores = {key: Score.of([r[key] for r in rows]).__dict__ for key in rows[0]}
     return {"model": label, "settings": settings, "calls": out.expert_calls_per_sample + out.router_calls_per_sample,
             "sample_s": seconds / args.repeats, "scores": scores}
@@ -121,7 +121,8 @@ def reference(run: sdk.Run, args: argparse.Namespace) -> Any:
     if args.real is None:
         raise SystemExit("graphs need --real, the reference set (for example community-small:test)")
     args.metrics = [m for m in GRAPH_METRICS if run.domain.config.validity or m not in ("valid", "vun")]
-    return {"test": table_to_graphs(run.domain.ingest(args.real, fit=False)), "train": table_to_graphs(run.records())}
+    test = table_to_graphs(run.domain.ingest(args.real, fit=False))
+    return {"test": graph_metrics.describe(test), "train": table_to_graphs(run.records())}  # test described once
 
 
 def main() -> None:

@@ -49,7 +49,6 @@ from archipelago.experts.paths import MaskedPath
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test", "all")
-MMDS = ("degree", "clustering", "orbit", "spectral")  # the squared MMDs of `metrics.graph_metrics`
 
 
 class GraphConfig(BaseModel):
@@ -341,14 +340,15 @@ class GraphDomain(Domain):
         if options:
             raise ValueError(f"unknown evaluate options {sorted(options)}: choose from train, validity, kernel, "
                              f"metrics")
-        reference = data.table_to_graphs(real)
+        reference = metrics.describe(data.table_to_graphs(real))  # once, for the samples and the baseline
         train_graphs = None if train is None else data.table_to_graphs(
             train if isinstance(train, pa.Table) else self.ingest(train, fit=False))
-        scores = metrics.graph_metrics(reference, self.decode(generated), train=train_graphs, validity=validity,
-                                       kernel=kernel)
+        graphs = self.decode(generated)
+        scores = {**metrics.mmds(reference, metrics.describe(graphs), kernel),
+                  **metrics.sample_metrics(graphs, train_graphs, validity)}
         if train_graphs is not None:
-            baseline = metrics.reference_metrics(reference, train_graphs, kernel=kernel)
-            scores.update({f"reference_{k}": v for k, v in baseline.items() if k in MMDS})
+            baseline = metrics.mmds(reference, metrics.describe(train_graphs), kernel)
+            scores.update({f"reference_{k}": v for k, v in baseline.items()})
         if names:
             unknown = sorted(set(names) - set(scores))
             if unknown:

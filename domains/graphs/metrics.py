@@ -509,25 +509,27 @@ def _descriptors(g: nx.Graph) -> tuple[np.ndarray, ...]:
     return tuple(describe(g) for describe in _DESCRIBE.values())
 
 
-def graph_metrics(
-    reference: Sequence[nx.Graph],
-    generated: Sequence[nx.Graph],
-    train: Sequence[nx.Graph] | None = None,
-    validity: Validity = None,
-    kernel: KernelName = "tv",
-    n_jobs: int | None = None,
-) -> dict[str, float]:
-    """Squared MMDs `degree`, `clustering`, `orbit`, `spectral` of `generated` to `reference`.
+MMDS = tuple(_DESCRIBE)  # the squared MMDs `graph_metrics` reports
+Descriptors = list[tuple[np.ndarray, ...]]  # per non-empty graph, one descriptor per name of MMDS
 
-    With `train`: `unique` and `novel`. With `validity`: `valid`, and `vun` when `train` is given too.
-    Descriptors are computed once per graph, in a process pool when the sets are large (`n_jobs` overrides).
-    """
-    reference, kept = _non_empty(reference), _non_empty(generated)
-    described = _map(_descriptors, [*reference, *kept], n_jobs)
+
+def describe(graphs: Sequence[nx.Graph], n_jobs: int | None = None) -> Descriptors:
+    """Every descriptor of every non-empty graph (empty ones are left out of every MMD), computed once,
+    in a process pool when the set is large (`n_jobs` overrides): a reference set described once
+    serves any number of generated sets and kernels."""
+    return _map(_descriptors, _non_empty(graphs), n_jobs)
+
+
+def mmds(reference: Descriptors, generated: Descriptors, kernel: KernelName = "tv") -> dict[str, float]:
+    """The squared MMDs `degree`, `clustering`, `orbit`, `spectral` between two described sets."""
+    return {name: _feature_mmd(name, [d[i] for d in reference], [d[i] for d in generated], kernel)
+            for i, name in enumerate(MMDS)}
+
+
+def sample_metrics(generated: Sequence[nx.Graph], train: Sequence[nx.Graph] | None = None,
+                   validity: Validity = None) -> dict[str, float]:
+    """With `train`: `unique` and `novel`. With `validity`: `valid`, and `vun` when `train` is given too."""
     metrics: dict[str, float] = {}
-    for i, name in enumerate(_DESCRIBE):
-        features = [d[i] for d in described]
-        metrics[name] = _feature_mmd(name, features[: len(reference)], features[len(reference) :], kernel)
     if train is not None:
         first, novel = _first_copies(generated), _novel(generated, train)
         metrics["unique"], metrics["novel"] = _fraction(first), _fraction(novel)
@@ -537,6 +539,19 @@ def graph_metrics(
         if train is not None:
             metrics["vun"] = _fraction(valid & first & novel)
     return metrics
+
+
+def graph_metrics(
+    reference: Sequence[nx.Graph],
+    generated: Sequence[nx.Graph],
+    train: Sequence[nx.Graph] | None = None,
+    validity: Validity = None,
+    kernel: KernelName = "tv",
+    n_jobs: int | None = None,
+) -> dict[str, float]:
+    """`mmds` of `generated` to `reference` and the `sample_metrics` of `generated`."""
+    return {**mmds(describe(reference, n_jobs), describe(generated, n_jobs), kernel),
+            **sample_metrics(generated, train, validity)}
 
 
 def reference_metrics(
