@@ -25,7 +25,13 @@ def _graphs() -> type[Domain]:
     return GraphDomain
 
 
-DOMAINS: dict[str, Callable[[], type[Domain]]] = {"timeseries": _timeseries, "graphs": _graphs}
+def _crystals() -> type[Domain]:
+    from archipelago.domains.crystals.domain import CrystalDomain
+
+    return CrystalDomain
+
+
+DOMAINS: dict[str, Callable[[], type[Domain]]] = {"timeseries": _timeseries, "graphs": _graphs, "crystals": _crystals}
 
 
 def domain_class(name: str) -> type[Domain]:

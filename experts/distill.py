@@ -38,7 +38,7 @@ from archipelago.experts.conditions import drop_conditions
 from archipelago.experts.conventions import Prediction
 from archipelago.experts.data import Samples
 from archipelago.experts.denoiser import denoising_loss, noise_batch
-from archipelago.experts.domain import Domain
+from archipelago.experts.domain import Domain, Statistics
 from archipelago.experts.paths import GaussianPath
 from archipelago.experts.solvers import integrate
 from archipelago.experts.training import OnLog, ProgressBar, TrainConfig, TrainResult, run_training, seeded
@@ -46,8 +46,9 @@ from archipelago.experts.training import OnLog, ProgressBar, TrainConfig, TrainR
 Teacher = Callable[[Batch, Tensor], Mapping[str, Tensor]]  # (x_t, t) -> mixable quantity per field
 
 
-def check_student_fields(domain: Domain, student: Domain) -> None:
-    """A student must diffuse the run's fields on the same paths and levels; raise naming what differs."""
+def check_student_fields(domain: Domain, student: Domain, statistics: Statistics | None = None) -> None:
+    """A student must diffuse the run's fields on the same paths and levels; raise naming what differs.
+    `statistics` (the run's merged ones) let domains whose templates draw sizes build one."""
     theirs, ours = domain.fields, student.fields
     differing = sorted(set(theirs) ^ set(ours))
     differing += sorted(name for name in set(theirs) & set(ours)
@@ -55,7 +56,7 @@ def check_student_fields(domain: Domain, student: Domain) -> None:
     dense = sorted(name for name in set(theirs) & set(ours) if theirs[name].index is None and name not in differing)
     if dense and not differing:  # a dense field's shape (a window's length, an image's size) is part of it
         g = torch.Generator().manual_seed(0)
-        run, student_template = domain.template(1, g), student.template(1, g)
+        run, student_template = domain.template(1, g, statistics), student.template(1, g, statistics)
         differing += [f"{name} (shape {tuple(student_template[name].shape[1:])}, the run's "
                       f"{tuple(run[name].shape[1:])})" for name in dense
                       if run[name].shape[1:] != student_template[name].shape[1:]]
@@ -93,16 +94,18 @@ def reflow_loss(net: nn.Module, fields: Fields, pairs: Batch, generator: torch.G
 def train_student(domain: Domain, student: Domain, samples: Samples, config: TrainConfig, folder: str,
                   teacher: Teacher | None = None, prediction: Prediction = Prediction.VELOCITY,
                   init: Mapping[str, Tensor] | None = None, teacher_version: int | None = None,
-                  on_log: OnLog | None = None, progress_bar: ProgressBar | None = None) -> TrainResult:
+                  on_log: OnLog | None = None, progress_bar: ProgressBar | None = None,
+                  statistics: Statistics | None = None) -> TrainResult:
     """Train a student network of `student`'s denoiser on `samples`, checkpointing to `folder`.
 
     With a `teacher`, the dense student on the run's data (`distillation_loss`); without one, the
     few-step student on pairs (`reflow_loss`), starting from `init` weights (the dense student's).
     Conditions are dropped to null with `condition_dropout` for both, so guidance still works.
     `teacher_version` (the ensemble version distilled) is part of the checkpoint's config, so a
-    student of another version never resumes from this one's checkpoints.
+    student of another version never resumes from this one's checkpoints. `statistics`: the run's
+    merged ones, for `check_student_fields`.
     """
-    check_student_fields(domain, student)
+    check_student_fields(domain, student, statistics)
     net = seeded(student.denoiser_network, config.seed)
     if init is not None:
         net.load_state_dict(init)

@@ -1,7 +1,8 @@
-"""Embeddings of the diffusion time shared by the domains' networks.
+"""Embeddings of the diffusion time and of the conditions, shared by the domains' networks.
 
 `TimestepEmbedder`: sinusoidal features of t in [0, 1] (the transformer's positional encoding,
 Vaswani et al. 2017, as DiT embeds diffusion steps) followed by an MLP.
+`ConditionEmbedding`: per-sample conditions (classes, properties, null included) as one vector.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from archipelago.experts.conditions import Condition
 
 
 class TimestepEmbedder(nn.Module):
@@ -33,3 +36,25 @@ class TimestepEmbedder(nn.Module):
         if t.ndim != 1:
             raise ValueError(f"expected t of shape [B], got {list(t.shape)}")
         return self.mlp(self.sinusoid(t).to(self.mlp[0].weight.dtype))  # [B, D]
+
+
+class ConditionEmbedding(nn.Module):
+    """Per-sample conditions as one vector [B, D]: a class embedding (null included) per categorical
+    condition, a linear map of (value, present) per continuous one."""
+
+    def __init__(self, conditions: tuple[Condition, ...], width: int):
+        super().__init__()
+        self.conditions, self.width = conditions, width
+        self.maps = nn.ModuleList(nn.Embedding(len(c.classes) + 1, width) if c.categorical else nn.Linear(2, width)
+                                  for c in conditions)
+
+    def forward(self, x_t: dict[str, Tensor], b: int, device: torch.device) -> Tensor:
+        out = torch.zeros(b, self.width, device=device)
+        for condition, embed in zip(self.conditions, self.maps, strict=True):
+            value = x_t[condition.name]
+            if condition.categorical:
+                out = out + embed(value.long())
+            else:
+                value = value.float()
+                out = out + embed(torch.stack([value.nan_to_num(0.0), (~value.isnan()).float()], -1))
+        return out

@@ -34,7 +34,7 @@ from archipelago.experts.codec import load_codec
 from archipelago.experts.data import BatchSamples
 from archipelago.experts.denoiser import Denoiser
 from archipelago.experts.distill import Teacher, check_student_fields, pairs_batch, train_student
-from archipelago.experts.domain import Domain, merge_statistics
+from archipelago.experts.domain import Domain, Statistics, merge_statistics
 from archipelago.experts.training import OnLog, TrainConfig, derive_seed
 from archipelago.platform import steps, versions
 from archipelago.platform.runner import Launch
@@ -64,10 +64,10 @@ def folder(run_dir: str, version: int | None, *parts: str) -> str:
     return storage.join(run_dir, STUDENTS, f"v{version or 0}", *parts)
 
 
-def student_domain(domain: Domain, settings: dict[str, Any]) -> Domain:
+def student_domain(domain: Domain, settings: dict[str, Any], statistics: Statistics | None = None) -> Domain:
     """The run's domain with the student's network settings over it; its fields must be the run's."""
     student = type(domain).from_config({**domain.to_config(), **settings}) if settings else domain
-    check_student_fields(domain, student)
+    check_student_fields(domain, student, statistics)
     return student
 
 
@@ -83,6 +83,11 @@ class Checked:
     def version(self) -> int | None:
         return self.ensemble.get("version")
 
+    @property
+    def statistics(self) -> Statistics:
+        """The merged per-cluster statistics of the ensemble's experts."""
+        return merge_statistics(self.ensemble.get("statistics", []))
+
 
 def check(run_dir: str, config: DistillConfig) -> Checked:
     """Everything a distillation needs, checked before any work: an assembled ensemble, a student
@@ -92,7 +97,7 @@ def check(run_dir: str, config: DistillConfig) -> Checked:
     except FileNotFoundError as error:
         raise FileNotFoundError(f"cannot distil {run_dir}: {error} (run `archipelago fit` or `archipelago assemble` "
                                 f"first)") from error
-    student = student_domain(steps.load_domain(run_dir), config.student)
+    student = student_domain(steps.load_domain(run_dir), config.student, merge_statistics(saved.get("statistics", [])))
     return Checked(saved, student, SampleRequest(**{**config.teacher, "n": config.pairs_per_shard}))
 
 
@@ -180,7 +185,7 @@ def _train_dense(run_dir: str, config: DistillConfig, checked: Checked, on_log: 
     train = config.dense.model_copy(update={"seed": derive_seed(run.seed, "dense student")})
     return train_student(ensemble.domain, checked.student, data, train, folder(run_dir, checked.version, "dense"),
                          _mixture(ensemble), run.prediction, teacher_version=checked.version,
-                         on_log=on_log).checkpoint
+                         on_log=on_log, statistics=checked.statistics).checkpoint
 
 
 def shard_uri(run_dir: str, shard: int, version: int | None) -> str:
@@ -242,7 +247,7 @@ def _train_reflow(run_dir: str, config: DistillConfig, checked: Checked, on_log:
     pairs = read_pairs(run_dir, config, domain, checked.version)
     return train_student(domain, checked.student, pairs, train, folder(run_dir, checked.version, "reflow"),
                          prediction=run.prediction, init=ema_weights(dense), teacher_version=checked.version,
-                         on_log=on_log).checkpoint
+                         on_log=on_log, statistics=checked.statistics).checkpoint
 
 
 def _record(run_dir: str, config: DistillConfig, checked: Checked, dense: str, reflow: str) -> dict[str, Any]:
@@ -266,7 +271,7 @@ def load_student(run_dir: str, model: str, device: str | torch.device = "cpu") -
     saved = storage.read_json(uri)
     config = DistillConfig(**saved["config"])
     domain = steps.load_domain(run_dir)
-    net = student_domain(domain, config.student).denoiser_network()
+    net = student_domain(domain, config.student, saved["statistics"][0]).denoiser_network()
     net.load_state_dict(ema_weights(storage.join(run_dir, *saved[MODELS[model]])))
     student = Denoiser(net, domain.fields, steps.load_config(run_dir).prediction).to(device).eval()
     decode = None

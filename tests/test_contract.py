@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from archipelago.domains import DOMAINS
+from archipelago.domains.crystals.domain import CrystalDomain
 from archipelago.domains.graphs import synthetic
 from archipelago.domains.graphs.domain import GraphDomain
 from archipelago.domains.timeseries.domain import TimeSeriesDomain
@@ -31,6 +33,7 @@ from archipelago.experts.domain import Domain
 from archipelago.experts.solvers import Given
 from archipelago.platform import sdk
 from archipelago.router.ensemble import Strategy
+from tests.crystal_data import PEROV_DEV, needs_perov
 from tests.toy_domains import PointSetDomain, VectorDomain, point_sets
 from tests.toy_graphs import LatentVectorDomain, ToyGraphDomain, plane_vectors, toy_graphs
 
@@ -67,6 +70,17 @@ def _node_labels(run: sdk.Run, n: int) -> dict[str, Any]:
     return {"node_type": [["a", "b"] * (2 + k % 2) for k in range(n)]}
 
 
+def _compositions(run: sdk.Run, n: int) -> dict[str, Any]:
+    """Structure prediction: the compositions (as species lists) of the run's first n crystals."""
+    return {"atom_type": run.records().column("species").to_pylist()[:n]}
+
+
+def _perov_rows(n: int) -> pd.DataFrame:
+    """The first n rows of the shared perov_5_dev training split (the test skips where it is absent)."""
+    needs_perov()
+    return pd.read_csv(PEROV_DEV / "train.csv", nrows=n)
+
+
 def _two_blobs(n: int) -> np.ndarray:
     centres = np.repeat([[3.0, 0.0], [-3.0, 0.0]], n // 2, axis=0)
     return centres + np.random.default_rng(0).normal(size=centres.shape)
@@ -90,6 +104,10 @@ CASES = [
                                        router_width=8, router_depth=1),
          lambda: _labelled_communities(32), conditions={"size": "small"}, given=_node_labels,
          evaluate={"train": _labelled_communities(8)}),
+    Case("crystals", lambda: CrystalDomain(conditions=["heat_ref"], width=16, depth=1, frequencies=2, router_width=8,
+                                           router_depth=1),
+         lambda: _perov_rows(48), conditions={"heat_ref": 0.5}, given=_compositions,
+         evaluate={"n_valid": 16, "workers": 1}),
     Case("vectors", VectorDomain, lambda: _two_blobs(96)),
     Case("pointsets", PointSetDomain, lambda: point_sets(96)),
     Case("toygraphs", ToyGraphDomain, lambda: toy_graphs(96), conditions={"family": "ring", "density": 0.3},

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch_geometric.utils import to_dense_adj, to_dense_batch
 
 from archipelago.experts.conditions import Condition
-from archipelago.experts.embeddings import TimestepEmbedder
+from archipelago.experts.embeddings import ConditionEmbedding, TimestepEmbedder
 
 EIGENVALUES = 5  # smallest non-zero Laplacian eigenvalues in the graph features
 EIGENVECTORS = 2  # first non-trivial eigenvectors in the node features
@@ -131,28 +131,6 @@ def spectral_features(adjacency: Tensor, node_mask: Tensor) -> tuple[Tensor, Ten
     node = torch.cat([eigvecs, in_largest], -1) * node_mask[..., None]
     graph = torch.cat([components[:, None].float(), nonzero], -1)
     return node, graph
-
-
-class ConditionEmbedding(nn.Module):
-    """Graph-level conditions as one vector [B, D]: a class embedding (null included) per categorical
-    condition, a linear map of (value, present) per continuous one."""
-
-    def __init__(self, conditions: tuple[Condition, ...], width: int):
-        super().__init__()
-        self.conditions, self.width = conditions, width
-        self.maps = nn.ModuleList(nn.Embedding(len(c.classes) + 1, width) if c.categorical else nn.Linear(2, width)
-                                  for c in conditions)
-
-    def forward(self, x_t: dict[str, Tensor], b: int, device: torch.device) -> Tensor:
-        out = torch.zeros(b, self.width, device=device)
-        for condition, embed in zip(self.conditions, self.maps, strict=True):
-            value = x_t[condition.name]
-            if condition.categorical:
-                out = out + embed(value.long())
-            else:
-                value = value.float()
-                out = out + embed(torch.stack([value.nan_to_num(0.0), (~value.isnan()).float()], -1))
-        return out
 
 
 class GraphTransformerLayer(nn.Module):

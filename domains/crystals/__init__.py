@@ -1,0 +1,1 @@
+"""Crystal structures: periodic materials as fractional coordinates, a lattice and atom types."""
