@@ -39,6 +39,7 @@ class FieldSpec:
 
     path: ProbabilityPath
     index: str | None = None  # name of the [R] tensor mapping rows to samples; None for dense fields
+    weight: float = 1.0  # the field's weight in the training loss (fields whose losses differ in scale)
 
 
 Fields = Mapping[str, FieldSpec]

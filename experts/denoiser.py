@@ -58,11 +58,12 @@ def noise_batch(batch: Batch, fields: Fields, generator: torch.Generator | None,
 def denoising_loss(net: nn.Module, fields: Fields, batch: Batch, generator: torch.Generator | None,
                    prediction: Prediction = Prediction.VELOCITY, given: Mapping[str, Tensor] | None = None,
                    noise: Mapping[str, Tensor] | None = None) -> Tensor:
-    """The sum over fields of each path's loss at x_t, t ~ U[0, 1] (flow matching for Gaussian
-    fields), x_t on the path to the given `noise` ends where there are any."""
+    """The sum over fields of each path's loss, times the field's weight, at x_t, t ~ U[0, 1] (flow
+    matching for Gaussian fields), x_t on the path to the given `noise` ends where there are any."""
     noised = noise_batch(batch, fields, generator, prediction, given=given, noise=noise)
     output = net(noised.x_t, noised.t)
-    return sum(spec.path.loss(output[name], noised.samples[name]) for name, spec in sorted(fields.items()))
+    return sum(spec.weight * spec.path.loss(output[name], noised.samples[name])
+               for name, spec in sorted(fields.items()))
 
 
 class Denoiser(nn.Module):

@@ -73,8 +73,9 @@ def distillation_loss(net: nn.Module, teacher: Teacher, fields: Fields, batch: B
     with torch.no_grad():
         target = teacher(noised.x_t, noised.t)
     output = net(noised.x_t, noised.t)
-    return sum(spec.path.match_loss(output[name], target[name], noised.x_t[name], per_row(noised.t, noised.x_t, spec),
-                                    prediction, noised.samples[name].free)
+    return sum(spec.weight * spec.path.match_loss(output[name], target[name], noised.x_t[name],
+                                                  per_row(noised.t, noised.x_t, spec), prediction,
+                                                  noised.samples[name].free)
                for name, spec in sorted(fields.items()))
 
 

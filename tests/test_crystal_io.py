@@ -311,15 +311,13 @@ def test_composition_fractions_are_atom_fractions_summing_to_one(structures: lis
         data.composition_fractions(table, vocabulary[1:])
 
 
-def test_crystal_features_are_fractions_then_standardised_statistics(structures: list[Structure],
-                                                                     vocabulary: list[str]) -> None:
+def test_crystal_features_are_fractions_then_lattice_statistics(structures: list[Structure],
+                                                                vocabulary: list[str]) -> None:
     table = data.structures_to_table(structures, [s.properties["id"] for s in structures])
     features = data.crystal_features(table, vocabulary)
     k = len(vocabulary)
     assert features.shape == (ROWS, k + 8)
     np.testing.assert_allclose(features[:, :k], data.composition_fractions(table, vocabulary))
-    stats = features[:, k:]
-    varying = data.lattice_statistics(table).std(0) > 1e-9
-    np.testing.assert_allclose(stats[:, varying].mean(0), 0.0, atol=1e-9)
-    np.testing.assert_allclose(stats[:, varying].std(0), 1.0)
-    assert (stats[:, ~varying] == 0).all() and (~varying).any()  # cubic perovskites: every angle is 90
+    # in their own units: the partitioner standardizes with the training set's scale, kept for new records
+    np.testing.assert_allclose(features[:, k:], data.lattice_statistics(table))
+    np.testing.assert_allclose(data.crystal_features(table.slice(0, 3), vocabulary), features[:3])

@@ -1,10 +1,13 @@
 """train_expert: checkpoints, exact resume, and clear errors on mismatched checkpoints."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from archipelago.experts.checkpoint import latest_checkpoint, load_checkpoint
+from archipelago.experts.denoiser import denoising_loss
 from archipelago.experts.training import CheckpointMismatch, ExpertConfig, TrainConfig, derive_seed, train_expert
 from tests.toy_domains import VectorDomain
 
@@ -78,3 +81,14 @@ def test_unknown_config_key_is_refused():
 
 def test_expert_seeds_differ_and_repeat():
     assert derive_seed(0, "expert", 1) == derive_seed(0, "expert", 1) != derive_seed(0, "expert", 2)
+
+
+def test_a_fields_weight_scales_its_loss(data):
+    """FieldSpec.weight multiplies the field's term of the training loss, and nothing else."""
+    domain, samples = data
+    net = domain.denoiser_network()
+    batch = samples.batch(torch.arange(32))
+    plain = domain.fields
+    weighted = {name: replace(spec, weight=3.0) for name, spec in plain.items()}
+    losses = [denoising_loss(net, fields, batch, torch.Generator().manual_seed(0)) for fields in (plain, weighted)]
+    assert torch.allclose(losses[1], 3.0 * losses[0])

@@ -16,9 +16,11 @@ reads back as is.
 
 Partition features (`crystal_features`) are what k-means clusters crystals by: the composition as
 atom fractions over the element vocabulary, then 8 lattice statistics (the sorted lattice lengths,
-the sorted angles, the volume per atom and the density), each z-scored over the table so that no
-statistic outweighs the composition by its units alone. The statistics are computed from the 9
-lattice numbers with numpy, without building Structures, so that they run on large tables.
+the sorted angles, the volume per atom and the density), in their own units: the partitioner
+standardizes every feature with the training set's mean and spread, which it keeps, so that samples
+and new records are placed with the same scale (a z-score per table would give each its own). The
+statistics are computed from the 9 lattice numbers with numpy, without building Structures, so that
+they run on large tables.
 """
 
 from __future__ import annotations
@@ -185,13 +187,7 @@ def lattice_statistics(table: pa.Table) -> np.ndarray:
     return np.column_stack([np.sort(lengths, 1), np.sort(angles, 1), volume / num_atoms, density])
 
 
-def standardize(values: np.ndarray) -> np.ndarray:
-    """Columns z-scored over the rows; a column with zero spread becomes 0."""
-    spread = values.std(0)
-    return np.where(spread > 0, (values - values.mean(0)) / np.where(spread > 0, spread, 1.0), 0.0)
-
-
 def crystal_features(table: pa.Table, elements: Sequence[str]) -> np.ndarray:
     """The partition features [N, len(elements) + 8]: the composition fractions over `elements`, then the
-    lattice statistics z-scored over this table (see the module docstring)."""
-    return np.concatenate([composition_fractions(table, elements), standardize(lattice_statistics(table))], 1)
+    lattice statistics (see the module docstring)."""
+    return np.concatenate([composition_fractions(table, elements), lattice_statistics(table)], 1)

@@ -1,7 +1,8 @@
 """The crystal domain: periodic structures diffused as fractional coordinates, a lattice and atom types.
 
 Fields, one row per atom (`atom_batch` maps atoms to crystals) unless said otherwise:
-- `frac_coords` [R, 3]: fractional coordinates on the flat torus (`TorusPath`), as in DiffCSP and FlowMM;
+- `frac_coords` [R, 3]: fractional coordinates on the flat torus (`TorusPath`), as in DiffCSP and FlowMM,
+  their loss weighted by `coordinate_weight`;
 - `atom_type` [R]: the element, on the masked path over the elements present in the training data;
 - `lattice` [B, 6]: the standardized upper entries of log S, the rotation-invariant stretch of the
   cell (`lattice.py` says why this representation), on the affine Gaussian path.
@@ -64,6 +65,9 @@ class CrystalConfig(BaseModel):
     min_distance: float = Field(0.5, ge=0.0)  # training crystals with closer atoms (A) are dropped
     conditions: list[str] = []  # property columns used as continuous conditions (e.g. "heat_ref")
     prediction_share: float = Field(0.5, ge=0.0, le=1.0)  # training crystals whose atom types are given
+    # The torus velocity's mean square is 1/12 per coordinate: x12 puts its loss on the scale of the
+    # lattice's and the types' (unweighted, coordinates learned slowest: the types' loss is ~30x theirs).
+    coordinate_weight: float = Field(12.0, gt=0.0)
     coverage: Literal["perov_5", "carbon_24", "mp_20"] = "perov_5"  # COV cutoffs (ANCHORS.md)
     id_column: str = "material_id"  # of CSV input
     cif_column: str = "cif"
@@ -95,7 +99,7 @@ class CrystalDomain(Domain):
     @property
     def fields(self) -> Fields:
         return {"atom_type": FieldSpec(MaskedPath(len(self.config.elements or ["H", "He"])), index="atom_batch"),
-                "frac_coords": FieldSpec(TorusPath(), index="atom_batch"),
+                "frac_coords": FieldSpec(TorusPath(), index="atom_batch", weight=self.config.coordinate_weight),
                 "lattice": FieldSpec(GaussianPath())}
 
     @property

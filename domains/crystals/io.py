@@ -14,7 +14,8 @@ Sources:
 - a folder of .cif files (read in name order, hidden files skipped; the id is the file stem) or one
   .cif file (its first data block);
 - a list of pymatgen Structures (the id is `structure.properties["id"]`, else the list index;
-  properties are read from `structure.properties`);
+  properties are read from `structure.properties`, null where absent, as generated crystals drawn
+  without a condition are);
 - a records Parquet file or a records `pa.Table` (see `archipelago.domains.crystals.data`).
 
 One bad CIF never stops a read: it becomes an Entry with no structure and an `error`. pymatgen
