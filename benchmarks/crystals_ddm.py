@@ -85,7 +85,7 @@ def fit(args: argparse.Namespace, experts: int) -> tuple[sdk.Run, float]:
     start = time.perf_counter()
     run = sdk.fit(args.train, str(Path(args.runs) / f"crystals-{args.total_steps}" / name), domain=domain,
                   experts=experts, expert={**train, "steps": args.total_steps // experts},
-                  router={**train, "steps": args.router_steps if experts > 1 else 1}, seed=0)
+                  router={**train, "steps": args.router_steps if experts > 1 else 1}, seed=0, wait=True)
     return run, time.perf_counter() - start
 
 
