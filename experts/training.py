@@ -252,7 +252,11 @@ def _interrupt_at_step_boundary() -> Iterator[threading.Event]:
     previous = signal.getsignal(signal.SIGINT)
 
     def handler(signum: int, frame: Any) -> None:
-        if interrupted.is_set() or not callable(previous):
+        # A first SIGINT is deferred whatever handler was there before (Python's, or one installed
+        # from C, which getsignal reports as None), unless SIGINT was ignored; the second interrupts.
+        if previous == signal.SIG_IGN:
+            return
+        if interrupted.is_set():
             signal.default_int_handler(signum, frame)
         interrupted.set()
 
