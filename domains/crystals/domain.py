@@ -272,15 +272,17 @@ class CrystalDomain(Domain):
         reference = data.table_to_structures(real)
         structures = self.decode(generated)
         reference_fps = metrics.cached_fingerprints(reference, cache_dir, **shared) if cache_dir else None
+        generated_fps = metrics.fingerprints(structures, **shared)  # once, for coverage and the property
         scores = metrics.generation_metrics(structures, reference, dataset=self.config.coverage, n_valid=n_valid,
-                                            seed=seed, reference_fps=reference_fps, **shared)
+                                            seed=seed, reference_fps=reference_fps, generated_fps=generated_fps,
+                                            **shared)
         if prediction:
             if len(structures) != len(reference):
                 raise ValueError(f"prediction scores sample i against real crystal i: {len(structures)} samples for "
                                  f"{len(reference)} crystals")
             scores.update(metrics.match_rate_rmse(structures, reference, **shared))
         if train is not None:
-            scores.update(self._property_scores(structures, generated, train, seed, shared))
+            scores.update(self._property_scores(structures, generated_fps, generated, train, seed, shared))
         if names:
             unknown = sorted(set(names) - set(scores))
             if unknown:
@@ -288,23 +290,26 @@ class CrystalDomain(Domain):
             scores = {name: scores[name] for name in names}
         return scores
 
-    def _property_scores(self, structures: list[Structure], generated: Batch, train: Any, seed: int,
-                         shared: dict[str, Any]) -> dict[str, Any]:
-        """Per condition drawn with values: a regressor fitted on `train` scores the samples' property."""
+    def _property_scores(self, structures: list[Structure], generated_fps: metrics.Fingerprints, generated: Batch,
+                         train: Any, seed: int, shared: dict[str, Any]) -> dict[str, Any]:
+        """Per condition drawn with values: a regressor fitted on `train` scores the samples' property.
+        The training crystals are fingerprinted once for every condition."""
+        drawn_names = [name for name in self.conditions
+                       if name in generated and not torch.isnan(generated[name]).all()]
+        if not drawn_names:
+            return {}
         table = train if isinstance(train, pa.Table) else self.ingest(train, fit=False)
         training = data.table_to_structures(table)
+        training_fps = metrics.fingerprints(training, **shared)
         scores: dict[str, Any] = {}
-        for name in self.conditions:
-            target = generated.get(name)
-            if target is None or torch.isnan(target).all():
-                continue
+        for name in drawn_names:
             values = np.array([np.nan if v is None else v for v in table.column(name).to_pylist()], dtype=float)
-            known = ~np.isnan(values)
-            regressor = metrics.PropertyRegressor.fit([s for s, k in zip(training, known, strict=True) if k],
-                                                        values[known], seed=seed, workers=shared.get("workers"))
-            drawn = ~torch.isnan(target)
+            regressor = metrics.PropertyRegressor.fit(training, values, seed=seed, fps=training_fps)  # NaN: unused
+            target = generated[name]
+            drawn = (~torch.isnan(target)).numpy()
             chosen = [s for s, d in zip(structures, drawn.tolist(), strict=True) if d]
-            found = metrics.property_metrics(chosen, target[drawn].numpy(), regressor)
+            found = metrics.property_metrics(chosen, target.numpy()[drawn], regressor,
+                                             fps=generated_fps.take(np.flatnonzero(drawn)))
             scores.update({f"{name}_{key}": value for key, value in {**found, **regressor.report()}.items()})
         return scores
 
