@@ -31,7 +31,14 @@ def _crystals() -> type[Domain]:
     return CrystalDomain
 
 
-DOMAINS: dict[str, Callable[[], type[Domain]]] = {"timeseries": _timeseries, "graphs": _graphs, "crystals": _crystals}
+def _images() -> type[Domain]:
+    from archipelago.domains.images.domain import ImageDomain
+
+    return ImageDomain
+
+
+DOMAINS: dict[str, Callable[[], type[Domain]]] = {"timeseries": _timeseries, "graphs": _graphs, "crystals": _crystals,
+                                                  "images": _images}
 
 
 def domain_class(name: str) -> type[Domain]:

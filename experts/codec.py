@@ -2,9 +2,12 @@
 
 A domain with a codec (`Domain.codec_network()`) has records in one space and diffuses fields in
 another: the codec's `encode(batch) -> latents` and `decode(latents) -> batch` map between them, and
-its `loss(batch)` trains it. The codec is trained once per run on all records (it is shared by every
+its `loss(batch, generator)` trains it (random draws, such as a VAE's posterior sample, from `generator`,
+so that resume is exact). The codec is trained once per run on all records (it is shared by every
 expert, as a latent-diffusion VAE is), with the same loop, checkpoints and exact resume as experts;
-latents are then computed once and stored beside the records, so no expert ever recomputes them.
+latents are then computed once and stored beside the records, so no expert ever recomputes them. A
+codec with no trainable parameters (a user's pretrained autoencoder, kept frozen) is not trained: its
+weights are stored as the checkpoint of step 0, so the run holds them like any other.
 
 Latents are dense tensors, stored as Arrow fixed-size lists with each tensor's shape and dtype in the
 schema metadata (`latents_to_table`, `table_to_latents`). Per-sample tensors of the records that are
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from archipelago.experts.batch import Batch
-from archipelago.experts.checkpoint import ema_weights
+from archipelago.experts.checkpoint import ema_weights, latest_checkpoint, save_checkpoint
 from archipelago.experts.data import DenseSamples, Samples
 from archipelago.experts.domain import Domain
 from archipelago.experts.training import OnLog, TrainConfig, TrainResult, run_training, seeded
@@ -32,14 +35,28 @@ SHAPES_KEY = b"archipelago.tensor_shapes"  # schema metadata: JSON {name: [shape
 
 def train_codec(config: TrainConfig, domain: Domain, samples: Samples, folder: str, on_log: OnLog | None = None,
                 **loop: object) -> TrainResult:
-    """Train (or resume) the domain's codec on all records, checkpointing to `folder`."""
+    """Train (or resume) the domain's codec on all records, checkpointing to `folder`; a frozen codec is
+    stored as it is (step 0)."""
     codec = seeded(_network(domain), config.seed)
+    meta = {"kind": "codec", "domain": domain.name, "domain_config": domain.to_config(), "config": {}}
+    if not any(p.requires_grad for p in codec.parameters()):
+        return _store_frozen(codec, samples, config, folder, meta)
 
     def loss_fn(model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
-        return model.loss(batch)
+        return model.loss(batch, generator)
 
-    meta = {"kind": "codec", "domain": domain.name, "domain_config": domain.to_config(), "config": {}}
     return run_training(codec, loss_fn, samples, config, folder, meta, on_log, description="codec", **loop)
+
+
+def _store_frozen(codec: nn.Module, samples: Samples, config: TrainConfig, folder: str,
+                  meta: dict[str, object]) -> TrainResult:
+    """A frozen codec's weights as step 0 (its own EMA), once; the data fingerprint is saved as for a trained one."""
+    if (found := latest_checkpoint(folder)) is None:
+        weights = {f"{prefix}.{k}": v.clone() for k, v in codec.state_dict().items() for prefix in ("model", "ema")}
+        full = {**meta, "config": config.model_dump(mode="json"), "seed": config.seed,
+                "data_fingerprint": samples.fingerprint()}
+        found = save_checkpoint(folder, 0, weights, {}, full)
+    return TrainResult(checkpoint=found, steps=0, resumed_from=0, final_loss=float("nan"))
 
 
 def _network(domain: Domain) -> Callable[[], nn.Module]:

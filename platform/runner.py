@@ -173,6 +173,7 @@ def train_and_assemble(config: RunConfig, run_dir: str, launch: Launch) -> FitRe
         results = _train(config, run_dir, TrackingTarget(uri, parent), launch)
         steps.assemble(run_dir)
         model_uri = tracking.log_ensemble_model(uri, parent, run_dir, launch.register)
+        tracking.log_sample_grid(uri, parent, run_dir)
     except BaseException:
         tracking.finish_run(uri, parent, failed=True)
         raise

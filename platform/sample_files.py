@@ -2,7 +2,7 @@
 
 .npy holds the decoded samples in the user's units ([n, L, C] windows for time series); .csv and
 .parquet hold a long table (columns sample, step, then the channels) for domains that decode to
-DataFrames. Domains with records of their own (`Domain.sample_records`: graphs) write .parquet as
+DataFrames. .png is a sample grid, for domains that draw one (`grid(batch)`: images). Domains with records of their own (`Domain.sample_records`: graphs) write .parquet as
 those records, and `read` takes such a file back through `ingest(fit=False)`. `read` takes a .npy
 back through the run's own domain (`ingest(fit=False)`: the run's
 fitted scaler), so metrics are computed in the scaled space the experts learned, exactly as
@@ -53,8 +53,13 @@ def _write_parquet(path: str, samples: Samples, domain: Domain) -> None:
         _frame(samples, domain).to_parquet(path, index=False)
 
 
+def _write_grid(path: str, samples: Samples, domain: Domain) -> None:
+    domain.grid(samples.batch).save(path, format="PNG")
+
+
 WRITERS: dict[str, Callable[[str, Samples, Domain], None]] = {
     ".npy": _write_npy,
+    ".png": _write_grid,
     ".csv": lambda path, samples, domain: _frame(samples, domain).to_csv(path, index=False),
     ".parquet": _write_parquet,
 }
@@ -72,7 +77,9 @@ def check_target(path: str, domain: Domain) -> None:
     writes, and a folder that exists and can be written (ValueError / OSError naming `path`)."""
     check_suffix(path)
     suffix = Path(path).suffix.lower()
-    if _writes_records(domain) and suffix != ".parquet":
+    if suffix == ".png" and getattr(domain, "grid", None) is None:
+        raise ValueError(f"{path}: the {domain.name} domain draws no sample grid: write a .npy or .parquet file")
+    if _writes_records(domain) and suffix not in (".parquet", ".png"):
         raise ValueError(f"{path}: the {domain.name} domain writes its samples as records: write a .parquet file")
     if suffix != ".npy" and not _writes_records(domain) and getattr(domain, "decode_frames", None) is None:
         raise ValueError(f"{path}: the {domain.name} domain does not decode to tables: write a .npy file")

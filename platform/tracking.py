@@ -366,6 +366,19 @@ def log_ensemble_model(uri: str, parent_id: str, run_dir: str, registered_name: 
     return info.model_uri
 
 
+def log_sample_grid(uri: str, parent_id: str, run_dir: str, n: int = 64) -> bool:
+    """Domains that draw a sample grid (images): n samples of the assembled ensemble with the default
+    request, logged under the parent run as samples.png. False where the domain draws none."""
+    from archipelago.platform import sdk
+
+    run = sdk.load(run_dir)
+    grid = getattr(run.domain, "grid", None)
+    if grid is None:
+        return False
+    mlflow.MlflowClient(uri).log_image(parent_id, grid(run.sample(n, seed=0).batch), "samples.png")
+    return True
+
+
 def _requirements() -> list[str]:
     """Pinned: a bare "archipelago" on PyPI is an unrelated package (install ours from a wheel/index)."""
     return [f"archipelago=={metadata.version('archipelago')}", f"mlflow=={mlflow.__version__}"]

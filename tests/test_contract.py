@@ -28,15 +28,20 @@ from archipelago.domains import DOMAINS
 from archipelago.domains.crystals.domain import CrystalDomain
 from archipelago.domains.graphs import synthetic
 from archipelago.domains.graphs.domain import GraphDomain
+from archipelago.domains.images.domain import ImageDomain
 from archipelago.domains.timeseries.domain import TimeSeriesDomain
 from archipelago.experts.domain import Domain
 from archipelago.experts.solvers import Given
 from archipelago.platform import sdk
 from archipelago.router.ensemble import Strategy
 from tests.crystal_data import PEROV_DEV, needs_perov
+from tests.image_data import mnist_slice
 from tests.toy_domains import PointSetDomain, VectorDomain, point_sets
 from tests.toy_graphs import LatentVectorDomain, ToyGraphDomain, plane_vectors, toy_graphs
 
+# MNIST at 16x16 with the smallest networks, and a feature network for FID trained for a few steps
+TINY_IMAGES = {"size": (16, 16), "fit": "resize", "preset": "tiny", "router_width": 8, "router_depth": 1,
+               "feature_components": 8, "feature_net_steps": 20}
 TINY = {"steps": 12, "batch_size": 16, "warmup_steps": 2, "progress": False}
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,6 +113,11 @@ CASES = [
                                            router_depth=1),
          lambda: _perov_rows(48), conditions={"heat_ref": 0.5}, given=_compositions,
          evaluate={"n_valid": 16, "workers": 1}),
+    Case("images", lambda: ImageDomain(**TINY_IMAGES), lambda: mnist_slice(64), conditions={"label": "3"},
+         evaluate={"metrics": ["fid", "fid_floor", "precision", "recall"]}),
+    Case("latentimages", lambda: ImageDomain(**TINY_IMAGES, latent=True, autoencoder_preset="tiny", latent_channels=2),
+         lambda: mnist_slice(64), conditions={"label": "3"}, settings={"codec": TINY},
+         evaluate={"metrics": ["fid", "fid_floor", "fid_ceiling"]}),
     Case("vectors", VectorDomain, lambda: _two_blobs(96)),
     Case("pointsets", PointSetDomain, lambda: point_sets(96)),
     Case("toygraphs", ToyGraphDomain, lambda: toy_graphs(96), conditions={"family": "ring", "density": 0.3},

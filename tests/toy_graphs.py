@@ -200,7 +200,7 @@ class LinearCodec(nn.Module):
     def decode(self, latents):
         return {"x": self.up(latents["z"])}
 
-    def loss(self, batch):
+    def loss(self, batch, generator=None):
         return ((self.decode(self.encode(batch))["x"] - batch["x"]) ** 2).mean()
 
 

@@ -1,0 +1,1 @@
+"""Images: pixel- and latent-space image diffusion on diffusers."""
