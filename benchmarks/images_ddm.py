@@ -13,9 +13,10 @@ FID features come from a classifier trained on the training images (ANCHORS.md: 
 authors recommend for MNIST), trained once, cached and named by its fingerprint in the results.
 
 Profiles: `mnist` (the CPU benchmark of BENCHMARKS.md: MNIST IDX files, pixel space), `gpu` (CIFAR-10
-sized: 32x32 RGB images read from `--train`/`--test` folders or generated, a larger UNet; written to
-finish in under 10 minutes on one H100) and `smoke` (the gpu profile's code at a size a CPU runs in a
-minute, as the test suite does). Training and scoring can run as separate processes (`--fit-only`).
+sized: 32x32 RGB images read from `--train`/`--test` (any image source, e.g. CIFAR-10 as class
+folders) or generated, a 6.8M-parameter UNet; sized to finish in under 10 minutes on one H100; without
+a GPU it runs the `smoke` sizes instead, so its code is tested on a CPU, as the test suite does).
+Training and scoring can run as separate processes (`--fit-only`).
 
     python benchmarks/images_ddm.py --fit-only monolith &   # and --fit-only ddm, in parallel
     python benchmarks/images_ddm.py --out images.json --grids benchmarks/results/images
@@ -53,9 +54,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "mnist": {"train": str(MNIST / "train-images-idx3-ubyte.gz"), "test": str(MNIST / "t10k-images-idx3-ubyte.gz"),
               "preset": "tiny", "total_steps": 4000, "router_steps": 600, "batch_size": 64, "samples": 1000,
               "conditioned": 500, "sampler_steps": 25, "feature_net_steps": 1500},
-    "gpu": {"train": None, "test": None, "preset": "ddpm-cifar10", "total_steps": 8000, "router_steps": 1000,
-            "batch_size": 128, "samples": 5000, "conditioned": 1000, "sampler_steps": 50, "feature_net_steps": 3000,
-            "generated": 12000},
+    "gpu": {"train": None, "test": None, "preset": "base", "total_steps": 6000, "router_steps": 800,
+            "batch_size": 128, "samples": 2000, "conditioned": 1000, "sampler_steps": 25, "feature_net_steps": 2000,
+            "generated": 20000},
     "smoke": {"train": None, "test": None, "preset": "tiny", "total_steps": 16, "router_steps": 8, "batch_size": 8,
               "samples": 24, "conditioned": 20, "sampler_steps": 2, "feature_net_steps": 20, "generated": 160,
               "size": 16},
@@ -84,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grids", default=None, help="write a sample grid per model here (PNG)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.profile == "gpu" and not torch.cuda.is_available():
+        print("no GPU: the gpu profile runs at the smoke profile's sizes", flush=True)
+        args.profile = "smoke"
     for key, value in PROFILES[args.profile].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -134,6 +134,21 @@ def test_a_users_feature_extractor_partitions_the_data():
         ImageDomain(**SMALL, features="tests.nowhere:f").features(table)
 
 
+def test_dinov2_features_come_from_a_local_folder(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the DINOv2 extractor needs Hugging Face transformers")
+    config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, image_size=28, patch_size=7)
+    torch.manual_seed(0)
+    transformers.Dinov2Model(config).save_pretrained(tmp_path / "dinov2")
+    images, labels = mnist_slice(24)
+    domain = ImageDomain(**SMALL, features=f"dinov2:{tmp_path / 'dinov2'}")
+    features = domain.features(domain.ingest((images, labels)))
+    assert features.shape == (24, 16) and np.isfinite(features).all()
+    assert np.linalg.matrix_rank(features) > 1  # different images, different embeddings
+    with pytest.raises(ValueError, match="cannot load a DINOv2 model"):
+        ImageDomain(**SMALL, features=f"dinov2:{tmp_path / 'missing'}").ingest((images, labels))
+
+
 def _save_autoencoder(folder, in_channels: int = 1, latent_channels: int = 2) -> str:
     torch.manual_seed(1)
     model = AutoencoderKL(in_channels=in_channels, out_channels=in_channels, latent_channels=latent_channels,

@@ -101,7 +101,7 @@ def concat_tables(tables: list[pa.Table]) -> pa.Table:
 
 def to_unit(pixels: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, C] as float32 [N, C, H, W] in [-1, 1]: x / 127.5 - 1."""
-    _check_pixels(pixels)
+    check_pixels(pixels, "to_unit")
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -115,7 +115,7 @@ def from_unit(x: torch.Tensor) -> np.ndarray:
 
 def downsampled(pixels: np.ndarray, side: int = 8) -> np.ndarray:
     """Area thumbnails side x side in [0, 1], flattened as [side, side, C]: float32 [N, side * side * C]."""
-    _check_pixels(pixels)
+    check_pixels(pixels, "downsampled")
     if side < 1:
         raise ValueError(f"downsampled: side must be a positive int; got {side}")
     chunks = []
@@ -127,7 +127,9 @@ def downsampled(pixels: np.ndarray, side: int = 8) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros((0, side * side * pixels.shape[-1]), np.float32)
 
 
-def _check_pixels(pixels: np.ndarray) -> None:
-    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 4:
-        raise ValueError(f"pixels must be uint8 [N, H, W, C]; got {type(pixels).__name__} "
+def check_pixels(pixels: np.ndarray, caller: str) -> None:
+    """A ValueError naming `caller` unless `pixels` are uint8 [N, H, W, C] with C in (1, 3)."""
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 4 \
+            or pixels.shape[-1] not in (1, 3):
+        raise ValueError(f"{caller} takes uint8 [N, H, W, C] with C in (1, 3); got {type(pixels).__name__} "
                          f"{getattr(pixels, 'dtype', '')} {getattr(pixels, 'shape', '')}")

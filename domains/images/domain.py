@@ -8,10 +8,9 @@ Fields: `image` [B, C, H, W] in [-1, 1] on the affine Gaussian path (pixel space
 the router is a small time-conditioned ResNet.
 
 Class labels (class sub-folders, IDX label files, a label column) become the categorical condition `label`
-with classifier-free guidance. Partition features are pluggable (`features`): "pca" (the default, no
-download: PCA of 8x8 area thumbnails, fitted on the training images) or "module:function", a user's
-extractor taking uint8 [N, H, W, C] and returning [N, F] (a DINOv2, timm or torchvision model whose
-weights are on the user's disk; the DDM paper clusters DINOv2 features).
+with classifier-free guidance. Partition features are pluggable (`features`, see `features.py`): "pca"
+(the default, no download: PCA of 8x8 area thumbnails), "dinov2:<local folder>" (the DDM paper clusters
+DINOv2 features) or a user's "module:function".
 
 Sources for `ingest` (see `io.read_images`): a folder of image files (one sub-folder per class), an IDX
 file, numpy arrays or .npy/.npz files, PIL images, Parquet with encoded image bytes (read block by
@@ -24,9 +23,8 @@ and the class accuracy of conditioned samples, in the features of a classifier t
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -34,10 +32,9 @@ import pyarrow as pa
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sklearn.decomposition import PCA
 from torch import nn
 
-from archipelago.domains.images import data, io, metrics, writers
+from archipelago.domains.images import data, features, io, metrics, writers
 from archipelago.domains.images.networks import (
     DENOISERS,
     FIELD,
@@ -83,7 +80,7 @@ class ImageConfig(BaseModel):
     latent_channels: int | None = Field(None, ge=1)  # None: 4 when trained in the run, a pretrained one's own
     kl_weight: float = Field(1e-6, ge=0.0)
     finetune_autoencoder: bool = False  # train a pretrained autoencoder further on the run's images
-    features: str = "pca"  # partition features: "pca" or "module:function"
+    features: str = "pca"  # partition features: "pca", "dinov2:<local folder>" or "module:function"
     feature_side: int = Field(8, ge=1)  # PCA features: side of the area thumbnails
     feature_components: int = Field(32, ge=1)  # PCA features: components kept
     feature_net_steps: int = Field(1500, ge=1)  # evaluate: training steps of the FID feature network
@@ -165,11 +162,12 @@ class ImageDomain(Domain):
         h, w, channels = data.image_shape(table)
         labels = table.column(LABEL).to_pylist() if LABEL in table.column_names else []
         classes = sorted({label for label in labels if label is not None}, key=_natural) or None
-        thumbnails = data.downsampled(data.table_to_images(table).pixels, self.config.feature_side)
-        pca = PCA(n_components=min(self.config.feature_components, *thumbnails.shape), random_state=0)
-        pca.fit(thumbnails)
-        fitted = {"size": (h, w), "channels": channels, "classes": classes, "pca_mean": pca.mean_.tolist(),
-                  "pca_components": pca.components_.tolist()}
+        fitted = {"size": (h, w), "channels": channels, "classes": classes}
+        if self.config.features == "pca":
+            fitted |= features.fit_pca(data.table_to_images(table).pixels, self.config.feature_side,
+                                       self.config.feature_components)
+        else:
+            features.extractor(self.config.features)  # an extractor that cannot load fails here, before any work
         if self.config.autoencoder is not None:
             model = pretrained_autoencoder(self.config.autoencoder, channels, self.config.latent_channels)
             fitted["autoencoder_config"] = dict(model.config)
@@ -195,12 +193,11 @@ class ImageDomain(Domain):
         return torch.tensor([condition.encode(v) for v in (labels or [None] * n)], dtype=torch.long)
 
     def features(self, table: pa.Table) -> np.ndarray:
-        """Partition features: PCA of area thumbnails (fitted at ingest), or the user's extractor."""
-        pixels = data.table_to_images(table).pixels
-        if self.config.features != "pca":
-            return np.asarray(_extractor(self.config.features)(pixels), dtype=np.float64)
-        thumbnails = data.downsampled(pixels, self.config.feature_side)
-        return (thumbnails - np.asarray(self.config.pca_mean)) @ np.asarray(self.config.pca_components).T
+        """Partition features (see `features.py`): PCA of thumbnails (fitted at ingest), DINOv2's, or a user's."""
+        c, pixels = self.config, data.table_to_images(table).pixels
+        if c.features == "pca":
+            return features.pca_features(pixels, c.feature_side, c.pca_mean, c.pca_components)
+        return np.asarray(features.extractor(c.features)(pixels), dtype=np.float64)
 
     # --- networks ------------------------------------------------------------------------------------
 
@@ -337,14 +334,3 @@ def _natural(name: str) -> tuple[bool, int, str]:
     """Class names in natural order: "2" before "10", numbers before words."""
     return (not name.isdigit(), int(name) if name.isdigit() else 0, name)
 
-
-def _extractor(reference: str) -> Callable[[np.ndarray], np.ndarray]:
-    """A user's feature extractor named "module:function"."""
-    module, _, name = reference.partition(":")
-    if not module or not name:
-        raise ValueError(f"features={reference!r}: use 'pca' or 'module:function' (a function of uint8 "
-                         f"[N, H, W, C] images returning [N, F] features)")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"cannot import the feature extractor {reference!r}: {error}") from error

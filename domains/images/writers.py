@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from archipelago.domains.images import data
 from archipelago.domains.images.io import IMAGE_SUFFIXES, Images
 
 
 def to_pil(pixels: np.ndarray) -> list[Image.Image]:
     """uint8 [N, H, W, C] as PIL images: mode "L" for C = 1, "RGB" for C = 3."""
-    _check_pixels(pixels, "to_pil")
+    data.check_pixels(pixels, "to_pil")
     return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
 
 
@@ -82,7 +83,7 @@ def _save_atomically(image: Image.Image, path: Path) -> None:
 def grid(pixels: np.ndarray, columns: int | None = None, padding: int = 2) -> Image.Image:
     """The images uint8 [N, H, W, C] tiled row by row, `columns` wide (default ceil(sqrt(N))), with
     `padding` pixels of value 0 between tiles."""
-    _check_pixels(pixels, "grid")
+    data.check_pixels(pixels, "grid")
     n, h, w, c = pixels.shape
     if n == 0:
         raise ValueError("grid needs at least one image")
@@ -95,10 +96,3 @@ def grid(pixels: np.ndarray, columns: int | None = None, padding: int = 2) -> Im
         top, left = (i // columns) * (h + padding), (i % columns) * (w + padding)
         canvas[top:top + h, left:left + w] = tile
     return to_pil(canvas[None])[0]
-
-
-def _check_pixels(pixels: np.ndarray, caller: str) -> None:
-    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 4 \
-            or pixels.shape[-1] not in (1, 3):
-        raise ValueError(f"{caller} takes uint8 [N, H, W, C] with C in (1, 3); got {type(pixels).__name__} "
-                         f"{getattr(pixels, 'dtype', '')} {getattr(pixels, 'shape', '')}")
