@@ -392,8 +392,9 @@ def build_parser() -> Parser:
     p = command(sample, "Generate samples from an assembled run.")
     _run_flags(p, tracked=False)
     cli_config.sample_flags(p)
-    p.add_argument("--out", required=True, metavar="FILE", help=".npy (user units), .csv or .parquet (long table; records for "
-                   "graphs, crystals and images), .png (a sample grid of images)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help=".npy (user units), .csv or .parquet (long table; records for graphs, crystals and images), "
+                        ".png (a sample grid of images)")
     p.add_argument("--version", type=positive, help="the ensemble version (default: the newest; see status)")
     p.add_argument("--nearest", type=int, default=3, metavar="N",
                    help="nearest training records per sample in its attribution file (default 3; 0: none)")

@@ -2,7 +2,8 @@
 
 .npy holds the decoded samples in the user's units ([n, L, C] windows for time series); .csv and
 .parquet hold a long table (columns sample, step, then the channels) for domains that decode to
-DataFrames. .png is a sample grid, for domains that draw one (`grid(batch)`: images). Domains with records of their own (`Domain.sample_records`: graphs) write .parquet as
+DataFrames; .png is a sample grid, for domains that draw one (`grid(batch)`: images). Domains with
+records of their own (`Domain.sample_records`: graphs, crystals, images) write .parquet as
 those records, and `read` takes such a file back through `ingest(fit=False)`. `read` takes a .npy
 back through the run's own domain (`ingest(fit=False)`: the run's
 fitted scaler), so metrics are computed in the scaled space the experts learned, exactly as

@@ -24,7 +24,8 @@ def test_the_gpu_benchmark_runs_reduced_on_a_cpu(tmp_path, capsys):
     assert results["args"]["profile"] == "smoke"
     assert set(results["models"]) == {"monolith", *(f"DDM K=4, {label}" for label in script.VARIANTS)}
     for entry in results["models"].values():
-        assert 0 <= entry["scores"]["fid_floor"] and entry["expert_calls"] >= 2  # 2 Euler steps
+        assert entry["scores"]["fid_floor"] >= 0
+        assert entry["expert_calls"] >= 2  # 2 Euler steps
         assert [row["guidance"] for row in entry["conditioned"]] == [1.0, 2.0]
     assert json.loads((tmp_path / "r.json").read_text())["models"].keys() == results["models"].keys()
     assert len(list((tmp_path / "grids").glob("smoke-*.png"))) == len(results["models"])

@@ -65,7 +65,7 @@ def closed_port() -> int:
 
 
 def test_unknown_domain(tmp_path: Path) -> None:
-    known = r"\['crystals', 'graphs', 'timeseries'\]"
+    known = r"\['crystals', 'graphs', 'images', 'timeseries'\]"
     with pytest.raises(ValueError, match=rf"unknown domain 'timeseriez'.*built-in domains: {known}"):
         fit(tmp_path / "run", domain="timeseriez")
     assert_nothing_written(tmp_path / "run")
