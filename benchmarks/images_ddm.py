@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -140,9 +141,25 @@ def timed_sample(run: sdk.Run, n: int, args: argparse.Namespace, **settings: Any
     return out, time.perf_counter() - start
 
 
-def scores_of(run: sdk.Run, out: sdk.Samples, reference: Any, net: torch.nn.Module, report: dict) -> dict:
+def scores_of(out: sdk.Samples, reference: np.ndarray, net: torch.nn.Module, report: dict,
+              ddm: sdk.Run | None) -> dict:
+    """The image metrics, and two views of mode coverage: the total variation between the classes the
+    FID classifier sees in the samples and in the reference, and (with the ensemble's partition) between
+    the samples' nearest clusters and the cluster sizes."""
     fake = data.from_unit(out.batch["image"].float())
-    return metrics.image_metrics(reference, fake, net, report=report)
+    scores = metrics.image_metrics(reference, fake, net, report=report)
+    scores["class_tv"] = 0.5 * float(np.abs(class_shares(net, fake) - class_shares(net, reference[:len(fake)])).sum())
+    if ddm is not None:
+        scores["cluster_tv"] = ddm.coverage(out)["total_variation"]
+    return scores
+
+
+def class_shares(net: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
+    """The share of images the classifier assigns to each class."""
+    with torch.no_grad():
+        x = data.to_unit(pixels).add(1).div(2)  # [N, C, H, W] in [0, 1]
+        logits = torch.cat([net.logits(x[i:i + 500]) for i in range(0, len(x), 500)])  # [N, classes]
+    return np.bincount(logits.argmax(1).numpy(), minlength=logits.shape[1]) / len(pixels)
 
 
 def conditioned(run: sdk.Run, settings: dict, test: io.Images, net: torch.nn.Module, report: dict,
@@ -193,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         "parameters": sum(p.numel() for p in first.domain.denoiser_network().parameters()),
         "cluster_sizes": steps.read_summary(runs["ddm"].run_dir)["sizes"] if "ddm" in runs else None,
         "test_accuracy": metrics.class_accuracy(net, test.pixels, np.array([classes.index(v) for v in test.labels])),
+        "router": runs["ddm"].router_diagnostics(records=2000).to_dict("records") if "ddm" in runs else None,
     }
     models = [("monolith", runs["monolith"], {"strategy": "top1"})] if "monolith" in runs else []
     if "ddm" in runs:
@@ -201,13 +219,14 @@ def main(argv: list[str] | None = None) -> dict:
         out, seconds = timed_sample(run, args.samples, args, **settings)
         entry = {"settings": settings, "expert_calls": out.expert_calls_per_sample,
                  "router_calls": out.router_calls_per_sample, "sample_s": seconds,
-                 "scores": scores_of(run, out, test.pixels, net, report),
+                 "scores": scores_of(out, test.pixels, net, report, runs.get("ddm")),
                  "conditioned": conditioned(run, settings, test, net, report, args)}
         results.setdefault("models", {})[label] = entry
         if args.grids:
             grid = writers.grid(data.from_unit(out.batch["image"][:64].float()), columns=8)
             Path(args.grids).mkdir(parents=True, exist_ok=True)
-            grid.save(Path(args.grids) / f"{args.profile}-{label.split(',')[-1].strip().replace(' ', '-')}.png")
+            name = re.sub(r"[^a-z0-9.]+", "-", label.split(",")[-1].strip().lower()).strip("-")
+            grid.save(Path(args.grids) / f"{args.profile}-{name}.png")
         print(label, json.dumps({k: v for k, v in entry.items() if k != "settings"}, default=float), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2, default=float))
