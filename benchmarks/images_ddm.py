@@ -156,13 +156,11 @@ def scores_of(out: sdk.Samples, reference: np.ndarray, net: torch.nn.Module, rep
 
 def class_shares(net: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
     """The share of images the classifier assigns to each class."""
-    with torch.no_grad():
-        x = data.to_unit(pixels).add(1).div(2)  # [N, C, H, W] in [0, 1]
-        logits = torch.cat([net.logits(x[i:i + 500]) for i in range(0, len(x), 500)])  # [N, classes]
+    logits = metrics.class_logits(net, pixels)  # [N, classes]
     return np.bincount(logits.argmax(1).numpy(), minlength=logits.shape[1]) / len(pixels)
 
 
-def conditioned(run: sdk.Run, settings: dict, test: io.Images, net: torch.nn.Module, report: dict,
+def conditioned(run: sdk.Run, settings: dict, test: io.Images, net: torch.nn.Module,
                 args: argparse.Namespace) -> list[dict]:
     classes = run.domain.config.classes
     labels = [classes[i % len(classes)] for i in range(args.conditioned)]
@@ -173,7 +171,7 @@ def conditioned(run: sdk.Run, settings: dict, test: io.Images, net: torch.nn.Mod
         fake = data.from_unit(out.batch["image"].float())
         codes = np.array([i % len(classes) for i in range(args.conditioned)])
         rows.append({"guidance": guidance, "accuracy": metrics.class_accuracy(net, fake, codes),
-                     "fid": metrics.image_metrics(test.pixels, fake, net, report=report)["fid"]})
+                     "fid": metrics.fid(test.pixels[:len(fake)], fake, net)})
     return rows
 
 
@@ -220,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         entry = {"settings": settings, "expert_calls": out.expert_calls_per_sample,
                  "router_calls": out.router_calls_per_sample, "sample_s": seconds,
                  "scores": scores_of(out, test.pixels, net, report, runs.get("ddm")),
-                 "conditioned": conditioned(run, settings, test, net, report, args)}
+                 "conditioned": conditioned(run, settings, test, net, args)}
         results.setdefault("models", {})[label] = entry
         if args.grids:
             grid = writers.grid(data.from_unit(out.batch["image"][:64].float()), columns=8)

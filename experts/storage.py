@@ -82,9 +82,13 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs.create_dir(os.path.dirname(path), recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open_output_stream(tmp) as stream:
-            stream.write(data)
-        os.replace(tmp, path)
+        try:
+            with fs.open_output_stream(tmp) as stream:
+                stream.write(data)
+            os.replace(tmp, path)
+        finally:  # a failed write leaves neither the final name nor the temporary file
+            if os.path.exists(tmp):
+                os.remove(tmp)
         return
     with fs.open_output_stream(path) as stream:
         stream.write(data)

@@ -5,6 +5,7 @@ normalization of modes and sizes with its counts, clear errors, and round trips 
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from io import BytesIO
 from pathlib import Path
@@ -505,10 +506,19 @@ def test_write_pngs_reads_back_with_labels_and_leaves_no_temp_files(tmp_path, la
 
 def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
     def failing_save(image, fp, *args, **kwargs):
-        Path(fp).write_bytes(b"half a PNG")
+        fp.write(b"half a PNG")
         raise OSError("disk full")
 
-    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with monkeypatch.context() as patch:  # encoding fails half-way
+        patch.setattr(Image.Image, "save", failing_save)
+        with pytest.raises(OSError, match="disk full"):
+            writers.write_pngs(_reference(1, n=1), tmp_path)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)  # the file is written, then cannot take its name
     with pytest.raises(OSError, match="disk full"):
         writers.write_pngs(_reference(1, n=1), tmp_path)
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]

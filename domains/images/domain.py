@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
+from diffusers import AutoencoderKL
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
@@ -43,6 +45,8 @@ from archipelago.domains.images.networks import (
     LatentCodec,
     RouterCNN,
     autoencoder,
+    autoencoder_preset,
+    latent_shape,
     pretrained_autoencoder,
 )
 from archipelago.experts.batch import Batch, Fields, FieldSpec
@@ -118,9 +122,13 @@ class ImageDomain(Domain):
         return c.size[0], c.size[1], c.channels
 
     def _latent_shape(self) -> tuple[int, int, int]:
-        h, w, _ = self.shape
-        codec = self._codec_skeleton()
-        return codec.latent_channels, h // codec.factor, w // codec.factor
+        """(channels, height, width) of the latents, from the autoencoder's config alone (no network built)."""
+        c, (h, w, channels) = self.config, self.shape
+        if c.autoencoder is None:
+            options = {**autoencoder_preset(c.autoencoder_preset), "latent_channels": c.latent_channels or 4}
+        else:  # fitted at ingest; read from the folder only where the domain was configured by hand
+            options = c.autoencoder_config or pretrained_autoencoder(c.autoencoder, channels, c.latent_channels).config
+        return latent_shape(options, h, w)
 
     def _net_config(self) -> ImageNetConfig:
         conditions = tuple(self.conditions.values())
@@ -218,19 +226,14 @@ class ImageDomain(Domain):
         if c.autoencoder is None:
             return LatentCodec(autoencoder(channels, h, w, c.autoencoder_preset, c.latent_channels or 4), scale=1.0,
                                kl_weight=c.kl_weight)
-        model = pretrained_autoencoder(c.autoencoder, channels, c.latent_channels)
+        if c.autoencoder_config is not None and not Path(c.autoencoder).is_dir():
+            # Elsewhere than where the run was made (an MLflow model, another machine): the architecture from the
+            # fitted config; the weights are the run's codec checkpoint, which the run was given at its encode step.
+            model = AutoencoderKL.from_config(c.autoencoder_config)
+        else:
+            model = pretrained_autoencoder(c.autoencoder, channels, c.latent_channels)
         model.requires_grad_(c.finetune_autoencoder)
         return LatentCodec(model, scale=model.config.scaling_factor, kl_weight=c.kl_weight, estimate_scale=False)
-
-    def _codec_skeleton(self) -> LatentCodec:
-        """The codec's architecture without loading a pretrained autoencoder's weights (for shapes)."""
-        c = self.config
-        h, w, channels = self.shape
-        if c.autoencoder_config is not None:
-            from diffusers import AutoencoderKL
-
-            return LatentCodec(AutoencoderKL.from_config(c.autoencoder_config), scale=1.0)
-        return LatentCodec(autoencoder(channels, h, w, c.autoencoder_preset, c.latent_channels or 4), scale=1.0)
 
     # --- sampling ------------------------------------------------------------------------------------
 

@@ -174,14 +174,19 @@ def features_of(net: nn.Module, pixels: np.ndarray, batch_size: int = 256) -> Te
     return _apply(net.eval(), pixels, batch_size).double()
 
 
-def class_accuracy(net: FeatureNet, pixels: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
-    """The share of images that the classifier assigns to their label."""
+def class_logits(net: FeatureNet, pixels: np.ndarray, batch_size: int = 256) -> Tensor:
+    """The classifier's logits [N, classes] of images [N, H, W, C]."""
     logits = getattr(net, "logits", None)
     if logits is None:
-        raise TypeError(f"class_accuracy needs a classifier with a `logits` method (FeatureNet), got {type(net)}")
+        raise TypeError(f"class scores need a classifier with a `logits` method (FeatureNet), got {type(net)}")
     _check_images(pixels, "pixels", minimum=1)
     net.eval()
-    scores = _apply(logits, pixels, batch_size)  # [N, classes]
+    return _apply(logits, pixels, batch_size)
+
+
+def class_accuracy(net: FeatureNet, pixels: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
+    """The share of images that the classifier assigns to their label."""
+    scores = class_logits(net, pixels, batch_size)  # [N, classes]
     labels = torch.from_numpy(_check_labels(labels, len(pixels), scores.shape[1]))
     return float((scores.argmax(dim=1) == labels).double().mean())
 
@@ -298,30 +303,44 @@ def cached_feature_net(pixels: np.ndarray, labels: np.ndarray, classes: int, cac
     return net, report
 
 
+class _Given(nn.Module):
+    """The "feature network" that hands torchmetrics features computed beforehand (each set is featurized once,
+    for FID and for precision and recall alike)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
 class FidReference:
     """One real image set featurized once, scored against many generated sets (torchmetrics' FID)."""
 
     def __init__(self, real: np.ndarray, net: nn.Module, batch_size: int = 256) -> None:
         self.shape = _check_images(real, "real", minimum=2)
-        self.batch_size = batch_size
-        self._metric = FrechetInceptionDistance(feature=net.eval(), normalize=True, reset_real_features=False)
-        self._update(real, real=True)
+        self.net, self.batch_size = net, batch_size
+        self.features = features_of(net, real, batch_size)  # [N, F]
+        self._metric = FrechetInceptionDistance(feature=_Given(self.features.shape[1]), reset_real_features=False)
+        self._metric.update(self.features, real=True)
 
     def score(self, fake: np.ndarray) -> float:
-        """FID of `fake` against the real set; only the fake statistics are reset afterwards."""
+        """FID of `fake` against the real set."""
         shape = _check_images(fake, "fake", minimum=2)
         if shape != self.shape:
             raise ValueError(f"fake images are (H, W, C) = {shape}, the real ones {self.shape}")
+        return self.score_features(features_of(self.net, fake, self.batch_size))
+
+    def score_features(self, features: Tensor) -> float:
+        """FID of generated images given by their features [N, F]; only the fake statistics are reset afterwards."""
+        if features.ndim != 2 or len(features) < 2 or features.shape[1] != self.features.shape[1]:
+            raise ValueError(f"expected features [N >= 2, {self.features.shape[1]}], got {tuple(features.shape)}")
         try:
-            self._update(fake, real=False)
+            self._metric.update(features, real=False)
             return float(self._metric.compute())
         finally:
             self._metric.reset()
-
-    @torch.no_grad()
-    def _update(self, pixels: np.ndarray, real: bool) -> None:
-        for batch in _batches(pixels, self.batch_size):
-            self._metric.update(batch, real=real)
 
 
 def fid(real: np.ndarray, fake: np.ndarray, net: nn.Module, batch_size: int = 256) -> float:
@@ -403,11 +422,11 @@ def image_metrics(real: np.ndarray, fake: np.ndarray, net: nn.Module, *, floor_r
     n = len(fake)
     reference, floor = _reference_and_floor(real, floor_real, n)
     scorer = FidReference(reference, net)
-    reference_features = features_of(net, reference)
-    precision, recall = precision_recall(reference_features, features_of(net, fake), k)
-    floor_precision, floor_recall = precision_recall(reference_features, features_of(net, floor), k)
+    fake_features, floor_features = features_of(net, fake), features_of(net, floor)
+    precision, recall = precision_recall(scorer.features, fake_features, k)
+    floor_precision, floor_recall = precision_recall(scorer.features, floor_features, k)
     metrics: dict[str, float | str] = {
-        "fid": scorer.score(fake), "fid_floor": scorer.score(floor),
+        "fid": scorer.score_features(fake_features), "fid_floor": scorer.score_features(floor_features),
         "fid_ceiling": scorer.score(noise_images(n, *shape, seed=seed)),
         "precision": precision, "recall": recall, "floor_precision": floor_precision, "floor_recall": floor_recall,
         "feature_net": report["fingerprint"] if report is not None else "custom", "n": n}

@@ -189,15 +189,6 @@ class LatentCodec(nn.Module):
         # A parameter without gradient rather than a buffer: checkpoints keep the EMA of parameters only.
         self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=False)
 
-    @property
-    def latent_channels(self) -> int:
-        return int(self.autoencoder.config.latent_channels)
-
-    @property
-    def factor(self) -> int:
-        """How many times smaller the latent side is than the image side."""
-        return 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
-
     def encode(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         posterior = self.autoencoder.encode(batch[FIELD]).latent_dist
         return {LATENT: posterior.mean * self.scale}
@@ -218,9 +209,21 @@ class LatentCodec(nn.Module):
         return nn.functional.mse_loss(reconstruction, x) + self.kl_weight * kl
 
 
+def autoencoder_preset(name: str) -> dict[str, Any]:
+    """The options of an autoencoder preset (AUTOENCODER_PRESETS), or an error naming the presets."""
+    return _preset(AUTOENCODER_PRESETS, name, "autoencoder")
+
+
+def latent_shape(options: Mapping[str, Any], height: int, width: int) -> tuple[int, int, int]:
+    """(channels, height, width) of the latents of an AutoencoderKL config (block_out_channels, latent_channels):
+    each block after the first halves the side."""
+    factor = 2 ** (len(options["block_out_channels"]) - 1)
+    return int(options["latent_channels"]), height // factor, width // factor
+
+
 def autoencoder(channels: int, height: int, width: int, preset: str, latent_channels: int) -> AutoencoderKL:
     """A fresh KL autoencoder of a preset for images of this shape."""
-    options = _preset(AUTOENCODER_PRESETS, preset, "autoencoder")
+    options = autoencoder_preset(preset)
     blocks = len(options["block_out_channels"])
     _check_downsampling(ImageNetConfig(channels, height, width), 2 ** (blocks - 1), f"autoencoder preset {preset!r}")
     return AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=latent_channels,

@@ -1,16 +1,16 @@
 """Writing images: PIL images, folders of PNG files that `io.read_images` reads back, and sample grids.
 
 `write_pngs` lays labelled images out as class folders (`<folder>/<label>/<id>.png`), the layout the
-folder reader takes labels from; every file is written to a hidden temporary name and renamed into
-place, so a failure leaves no half-written file (and the reader skips hidden files).
+folder reader takes labels from; every file is encoded in memory and written atomically by
+`experts.storage.write_bytes`, so a failure leaves no half-written file.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from PIL import Image
 
 from archipelago.domains.images import data
 from archipelago.domains.images.io import IMAGE_SUFFIXES, Images
+from archipelago.experts import storage
 
 
 def to_pil(pixels: np.ndarray) -> list[Image.Image]:
@@ -41,8 +42,9 @@ def write_pngs(images: Images, folder: str | os.PathLike) -> list[Path]:
         subfolders = [_safe(label) for label in images.labels]
     paths = [folder / sub / f"{name}.png" for sub, name in _unique_names(images.ids, subfolders)]
     for path, image in zip(paths, to_pil(images.pixels), strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _save_atomically(image, path)
+        encoded = io.BytesIO()
+        image.save(encoded, format="PNG")
+        storage.write_bytes(str(path), encoded.getvalue())
     return paths
 
 
@@ -68,16 +70,6 @@ def _unique_names(ids: list[str], subfolders: list[str]) -> list[tuple[str, str]
         taken.add((sub.lower(), name.lower()))
         out.append((sub, name))
     return out
-
-
-def _save_atomically(image: Image.Image, path: Path) -> None:
-    """Write to a hidden temporary file beside `path`, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def grid(pixels: np.ndarray, columns: int | None = None, padding: int = 2) -> Image.Image:
