@@ -264,7 +264,8 @@ def _interrupt_at_step_boundary() -> Iterator[threading.Event]:
     try:
         yield interrupted
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # A handler installed from C (None) cannot be put back from Python; Python's default stands in.
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 def train_expert(config: ExpertConfig, domain: Domain, samples: Samples, folder: str,

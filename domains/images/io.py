@@ -185,7 +185,8 @@ def _as_labels(values: Any, n: int, where: str) -> list[str | None] | None:
 
 
 def _visible(folder: Path) -> list[Path]:
-    # hidden entries are skipped: the writers' temporary files start with a dot
+    # hidden entries (.DS_Store, editors' temporaries) are skipped; an unfinished write of `storage.write_bytes`
+    # ends in ".tmp-<hex>", no image suffix, so it is never read either
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
