@@ -51,15 +51,17 @@ def two_node_cluster(tmp_path: Path) -> Iterator[TwoNodeCluster]:
     env = dict(os.environ)
     if env.get("RAY_AUTH_MODE") == "token":  # `ray start --head` never creates a token itself
         subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port, client_port, *node_ports = _free_ports(7)
     address, dashboard_url = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
     head_args = ["--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1"]
-    head_args += ["--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(_free_port())]
+    head_args += ["--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(client_port)]
+    head_args += _agent_ports(*node_ports[:2])
     logs = (tmp_path / "head.log", tmp_path / "worker.log")
     with ExitStack() as stack:
         head = stack.enter_context(_node("a", head_args, logs[0], env))
         _wait_for_port(gcs_port, head, logs[0])
-        worker = stack.enter_context(_node("b", ["--address", address], logs[1], env))
+        worker_args = ["--address", address, *_agent_ports(*node_ports[2:])]
+        worker = stack.enter_context(_node("b", worker_args, logs[1], env))
         _wait_for_islands(dashboard_url, {"a", "b"}, [(head, logs[0]), (worker, logs[1])])
         yield TwoNodeCluster(address, dashboard_url, logs)
 
@@ -70,8 +72,7 @@ def _node(island: str, args: list[str], log: Path, env: dict[str, str]) -> Itera
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     command = [RAY_CLI, "start", "--block", *args, "--node-ip-address", "127.0.0.1"]
     command += ["--temp-dir", temp_dir, "--num-cpus", "1", "--labels", f"island={island}"]
-    command += ["--dashboard-agent-listen-port", str(_free_port())]
-    command += ["--metrics-export-port", str(_free_port()), "--disable-usage-stats"]
+    command += ["--disable-usage-stats"]
     with log.open("w") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -91,10 +92,18 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _agent_ports(agent_port: int, metrics_port: int) -> list[str]:
+    return ["--dashboard-agent-listen-port", str(agent_port), "--metrics-export-port", str(metrics_port)]
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: every probe stays bound until all are chosen, so the OS cannot
+    hand the same port out twice (one port given to two Ray components fails `ray start`)."""
+    with ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
