@@ -10,6 +10,7 @@ sampling wall time as a ratio to the monolith's in the same run. The router's ac
 calibration along t are reported per data set.
 
     python benchmarks/timeseries_ddm.py --datasets sines stocks energy --total-steps 8000 --out bench.json
+    python benchmarks/timeseries_ddm.py --datasets sines --budgets 4000 16000 64000 --out sweep.json
 
 Stocks and Energy are read from ../shared/data/timeseries/ (override with --stocks, --energy).
 """
@@ -59,6 +60,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sines", type=int, default=10_000, help="number of Sines windows")
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--total-steps", type=int, default=8000, help="monolith steps = K x expert steps")
+    parser.add_argument("--budgets", type=int, nargs="+", metavar="STEPS",
+                        help="a budget sweep instead of --total-steps: the same runs trained on to each total in "
+                             "turn (the learning rate is constant after warm-up, so this equals training each "
+                             "budget afresh) and scored at each")
     parser.add_argument("--router-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--samples", type=int, default=2000, help="generated windows per strategy")
@@ -111,18 +116,19 @@ def main() -> None:
     sources = {"sines": f"sines:{args.sines}", "stocks": args.stocks, "energy": args.energy}
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                           f"{torch.__version__}, CUDA {torch.cuda.is_available()}", "args": vars(args), "datasets": {}}
-    for name in args.datasets:
-        runs = Path(args.runs) / f"{name}-{args.total_steps}"
-        mono, mono_s = fit(sources[name], runs / "monolith", 1, args.total_steps, args)
-        ddm, ddm_s = fit(sources[name], runs / f"ddm-{args.experts}", args.experts,
-                         args.total_steps // args.experts, args)
+    budgets = sorted(args.budgets or [args.total_steps])
+    for name, total in ((name, total) for name in args.datasets for total in budgets):
+        runs = Path(args.runs) / (f"{name}-sweep" if args.budgets else f"{name}-{total}")
+        mono, mono_s = fit(sources[name], runs / "monolith", 1, total, args)
+        ddm, ddm_s = fit(sources[name], runs / f"ddm-{args.experts}", args.experts, total // args.experts, args)
         real = table_to_windows(mono.records()).astype(np.float64)
         entry = {"windows": len(real), "train_s": {"monolith": mono_s, "ddm": ddm_s},
                  "router_calibration": ddm.router_diagnostics().to_dict(orient="records"),
                  "monolith": score(mono, real, "monolith", {"strategy": "top1"}, args, ddm),
                  "ddm": [score(ddm, real, label, VARIANTS[label], args, ddm) for label in args.variants]}
-        results["datasets"][name] = entry
-        print(f"\n{name}: {len(real)} windows; train {mono_s:.0f} s (monolith) / {ddm_s:.0f} s (DDM)")
+        results["datasets"][f"{name}@{total}" if args.budgets else name] = entry
+        print(f"\n{name}, {total} total steps: {len(real)} windows; train {mono_s:.0f} s (monolith) / {ddm_s:.0f} s "
+              f"(DDM){' since the last budget' if args.budgets else ''}")
         print("router: " + ", ".join(f"t={r['t']:.2f} acc {r['accuracy']:.2f} ece {r['ece']:.3f}"
                                      for r in entry["router_calibration"]))
         print("| model | expert + router calls / sample | sampling time / monolith's | coverage TV | "

@@ -68,7 +68,13 @@ class Holder:
         return f"{self.purpose} (pid {self.pid} on {self.host}, since {self.started})"
 
     def stale(self, now: float) -> bool:
-        return now > self.expires or (self.host == socket.gethostname() and not _alive(self.pid))
+        """Expired, or left by a process of this host that is gone, or by this very process, which
+        no longer holds it (its release failed, e.g. while the storage was down)."""
+        if now > self.expires:
+            return True
+        if self.host != socket.gethostname():
+            return False
+        return not _alive(self.pid) or (self.pid == os.getpid() and self.token not in _tokens)
 
 
 def _alive(pid: int) -> bool:
@@ -210,6 +216,7 @@ def _store(folder: str) -> _LocalStore | _S3Store | None:
 
 
 _held: dict[str, int] = {}  # folders whose lease this process holds, with how many times taken
+_tokens: set[str] = set()  # the tokens of the leases this process holds
 _held_lock = threading.Lock()
 
 
@@ -243,7 +250,13 @@ class Lease:
             logger.warning("%s: no lease (%s has no conditional writes here): two writers at once are not kept "
                            "apart", self.folder, self.folder.split("://")[0] + "://")
         else:
-            self._version = self._acquire()
+            with _held_lock:
+                _tokens.add(self.token)  # before the lease exists, so that it is never taken for a leftover
+            try:
+                self._version = self._acquire()
+            except BaseException:
+                _tokens.discard(self.token)
+                raise
             self._thread = threading.Thread(target=self._heartbeat, name=f"lease {self.folder}", daemon=True)
             self._thread.start()
         with _held_lock:
@@ -260,7 +273,12 @@ class Lease:
         if self._thread is not None:
             self._thread.join()
         if self._store is not None and not self.lost:
-            self._store.delete(self._version)
+            try:
+                self._store.delete(self._version)
+            except Exception as error:  # storage unreachable: the lease lapses at its expiry instead
+                logger.warning("%s: could not release the lease (%s); it lapses in %.0f s", self.folder, error,
+                               self.ttl_s)
+        _tokens.discard(self.token)
 
     def _body(self) -> bytes:
         mine = Holder(host=socket.gethostname(), pid=os.getpid(), started=self.started,
@@ -294,7 +312,12 @@ class Lease:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            version = self._store.renew(self._version, self._body())
+            try:
+                version = self._store.renew(self._version, self._body())
+            except Exception as error:  # storage down for a moment: the lease outlives two missed beats
+                logger.warning("%s: could not renew the lease (%s); trying again in %.0f s", self.folder, error,
+                               self.ttl_s / 3)
+                continue
             if version is None:
                 self.lost = True
                 logger.error("%s: the lease of %s was taken over by another writer", self.folder, self.purpose)

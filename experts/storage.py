@@ -4,6 +4,13 @@ Checkpoints and run artefacts are written through these few functions so that an
 write to a local folder or to object storage with the same code. Writes of a single file are
 atomic: locally the bytes go to a temporary name that is then renamed; on object stores a PUT
 is atomic by nature.
+
+Object stores fail for a while now and then (a restart, a network cut, throttling). Every call
+here on a remote filesystem retries such transient failures with exponential backoff (0.25 s
+doubling up to 8 s) for up to ARCHIPELAGO_STORAGE_RETRY_S seconds (default 60), logging each
+retry; past that it raises StorageUnavailable naming the file. Errors that retrying cannot mend
+(a missing file or bucket, a refused permission) are raised at once. pyarrow retries a few times
+on its own within one call; ours spans the seconds-long outages its retries do not.
 """
 
 from __future__ import annotations
@@ -11,12 +18,59 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+
+RETRY_ENV = "ARCHIPELAGO_STORAGE_RETRY_S"
+PROBE_PREFIX = ".write-probe-"  # the short-lived files of `check_writable`
+_FIRST_DELAY_S, _MAX_DELAY_S = 0.25, 8.0
+# Words of the errors that pyarrow's S3/GCS clients raise for failures that pass: no connection,
+# a timeout, a reset, throttling, a server error.
+_TRANSIENT = ("network_connection", "couldn't connect", "connection refused", "connection reset", "timed out",
+              "timeout", "slowdown", "slow down", "serviceunavailable", "service unavailable", "internalerror",
+              "internal error", "requesttimeout", "503", "broken pipe", "curlcode")
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+class StorageUnavailable(OSError):
+    """The storage kept failing for longer than the retry window."""
+
+
+def transient(error: BaseException) -> bool:
+    """Whether an error of a remote filesystem may pass if the call is tried again."""
+    if not isinstance(error, OSError) or isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
+        return False
+    text = str(error).lower()
+    return any(word in text for word in _TRANSIENT)
+
+
+def retried(uri: str, what: str, call: Callable[[], T]) -> T:
+    """`call()`, retried with backoff while a remote filesystem fails transiently (see the docstring)."""
+    if "://" not in os.fspath(uri) or os.fspath(uri).startswith("file://"):
+        return call()
+    window = float(os.environ.get(RETRY_ENV, "60"))
+    start, delay, attempt = time.monotonic(), _FIRST_DELAY_S, 1
+    while True:
+        try:
+            return call()
+        except OSError as error:
+            waited = time.monotonic() - start
+            if not transient(error):
+                raise
+            if waited + delay > window:
+                raise StorageUnavailable(f"{what} {uri}: the storage kept failing for {waited:.1f} s "
+                                         f"({attempt} attempts; {RETRY_ENV}={window:g}): {error}") from error
+            logger.warning("%s %s failed (attempt %d, %s); retrying in %.2f s", what, uri, attempt, error, delay)
+            time.sleep(delay)
+            delay, attempt = min(2 * delay, _MAX_DELAY_S), attempt + 1
 
 
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -64,20 +118,28 @@ def _split_query(uri: str) -> tuple[str, str]:
 
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return retried(uri, "looking up", lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as stream:
             return stream.read()
+
+    try:
+        return retried(uri, "reading", read)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"no such file: {uri}") from error
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file atomically (never a half-written file under its final name)."""
+    retried(uri, "writing", lambda: _write_bytes(uri, data))
+
+
+def _write_bytes(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
     fs.create_dir(os.path.dirname(path), recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -113,15 +175,23 @@ def write_json(uri: str, value: Any) -> None:
 def list_dir(uri: str) -> list[str]:
     """Base names of the entries directly under `uri` (empty when it does not exist)."""
     fs, path = resolve(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return []
-    return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(path)))
+
+    def names() -> list[str]:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return []
+        return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(path)))
+
+    return retried(uri, "listing", names)
 
 
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
+
+    def delete() -> None:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+
+    retried(uri, "deleting", delete)
 
 
 def check_writable(uri: str) -> None:
@@ -132,7 +202,7 @@ def check_writable(uri: str) -> None:
     """
     fs, path = resolve(uri)
     created = missing_folders(path) if isinstance(fs, pafs.LocalFileSystem) else []
-    probe = join(uri, f".write-probe-{uuid.uuid4().hex[:8]}")
+    probe = join(uri, f"{PROBE_PREFIX}{uuid.uuid4().hex[:8]}")
     try:
         write_bytes(probe, b"")
         fs.delete_file(resolve(probe)[1])

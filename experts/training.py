@@ -11,12 +11,23 @@ Faults: a damaged latest checkpoint is skipped for the newest intact one (a warn
 non-finite loss or gradient stops training with `NonFiniteLoss` before the optimizer step, so the
 last checkpoint stays good; SIGINT (in the main thread) finishes the current step, writes a
 checkpoint and then raises KeyboardInterrupt. Older checkpoints are pruned to `keep_checkpoints`.
+
+Data parallelism (DDP): when `torch.distributed` is initialized with a world of N > 1 ranks (a
+launcher such as Ray Train set it up), the model is wrapped in `DistributedDataParallel`, which
+averages the gradients. `batch_size` stays the global batch: every rank draws the same batch_size
+sample ids from the shared data stream and trains on its own 1/N of them, with its own noise
+stream (rank 0's is the one-worker stream, rank r's derives from the seed and r), so one step is
+the same optimization on 1 or N workers, and optimizer and EMA stay identical on every rank. Rank
+0 alone writes checkpoints (holding every rank's noise-generator state, gathered, so resuming with
+the same N is exact too), prunes, logs and draws the progress bar; every rank resumes from the
+latest checkpoint. One worker (no process group): none of this happens.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import signal
 import threading
@@ -26,12 +37,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from archipelago.experts import storage
 from archipelago.experts.batch import Batch
-from archipelago.experts.checkpoint import latest_intact, prune_checkpoints, save_checkpoint
+from archipelago.experts.checkpoint import latest_intact, prune_checkpoints, save_checkpoint, step_name
 from archipelago.experts.conditions import drop_conditions
 from archipelago.experts.conventions import Prediction
 from archipelago.experts.data import Samples, batch_ids
@@ -47,6 +61,8 @@ ProgressBar = Callable[..., Any]
 # Keys that may change between a checkpoint and its resumption; every other key must match.
 RESUMABLE_KEYS = frozenset({"steps", "checkpoint_every", "keep_checkpoints", "log_every", "progress"})
 
+logger = logging.getLogger(__name__)
+
 
 class TrainConfig(BaseModel):
     """Optimization settings of one training (expert or router)."""
@@ -54,7 +70,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     steps: int = Field(2000, ge=1)  # total optimizer steps
-    batch_size: int = Field(64, ge=1)  # samples per step, drawn with replacement
+    batch_size: int = Field(64, ge=1)  # samples per step, drawn with replacement (split over data-parallel ranks)
     lr: float = Field(1e-3, gt=0)  # AdamW learning rate after warm-up
     weight_decay: float = Field(0.0, ge=0)  # AdamW decoupled weight decay
     warmup_steps: int = Field(100, ge=0)  # linear learning-rate warm-up from 0
@@ -122,6 +138,67 @@ def _ema_decay_at(step: int, config: TrainConfig) -> float:
     return min(config.ema_decay, (1 + step) / (10 + step))
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the data-parallel ranks of one training (one worker: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+
+
+def data_parallel_ranks() -> Ranks:
+    """The rank and world size of torch.distributed's default process group; rank 0 of 1 without one."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks()
+
+
+def _noise_seed(seed: int, rank: int) -> int:
+    """Rank 0 draws the one-worker noise stream; rank r > 0 its own, derived from the seed and r."""
+    return seed + 1 if rank == 0 else derive_seed(seed, "noise", rank)
+
+
+def _rng_key(name: str, rank: int) -> str:
+    """A generator's key in the checkpoint: the data stream is shared by all ranks, noise is per rank."""
+    return f"rng.{name}" if rank == 0 or name == "data" else f"rng.{name}.rank{rank}"
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """Where the tensors of a collective live: NCCL takes CUDA tensors only, gloo CPU ones."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _gather_noise_states(generator: torch.Generator, ranks: Ranks, device: torch.device) -> dict[str, Tensor]:
+    """The noise-generator states of ranks 1..N-1, keyed for rank 0's checkpoint (a collective)."""
+    if ranks.world == 1:
+        return {}
+    state = generator.get_state().to(_comm_device(device))
+    states = [torch.empty_like(state) for _ in range(ranks.world)]
+    dist.all_gather(states, state)
+    return {_rng_key("noise", rank): value.cpu() for rank, value in enumerate(states) if rank}
+
+
+def _mean_over_ranks(value: float, ranks: Ranks, device: torch.device) -> float:
+    """The mean of a per-rank number over all ranks (a collective); the number itself on one worker."""
+    if ranks.world == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=_comm_device(device))
+    dist.all_reduce(total)
+    return total.item() / ranks.world
+
+
+def _check_same_start(start: int, ranks: Ranks, device: torch.device, folder: str) -> None:
+    """Every rank must resume from the same step: they all read the same storage."""
+    if ranks.world == 1:
+        return
+    bounds = torch.tensor([start, -start], device=_comm_device(device))
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+    highest, lowest = int(bounds[0]), -int(bounds[1])
+    if highest != lowest:
+        raise RuntimeError(f"the {ranks.world} data-parallel ranks found checkpoints of different steps "
+                           f"({lowest} to {highest}) in {folder}: every rank must read the same storage")
+
+
 def _state_tensors(optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator]) -> dict[str, Tensor]:
     tensors = {f"rng.{name}": g.get_state() for name, g in generators.items()}
     for index, state in optimizer.state_dict()["state"].items():
@@ -131,9 +208,14 @@ def _state_tensors(optimizer: torch.optim.Optimizer, generators: dict[str, torch
 
 
 def _restore_state(optimizer: torch.optim.Optimizer, generators: dict[str, torch.Generator],
-                   tensors: dict[str, Tensor]) -> None:
+                   tensors: dict[str, Tensor], rank: int = 0) -> None:
     for name, g in generators.items():
-        g.set_state(tensors[f"rng.{name}"])
+        key = _rng_key(name, rank)
+        if key in tensors:
+            g.set_state(tensors[key])
+        else:  # saved by fewer data-parallel ranks: this rank's stream goes on from its seed
+            logger.warning("the checkpoint holds no %s (it was made by fewer data-parallel workers): rank %d's "
+                           "%s stream starts from its seed, so this resume is not exact", key, rank, name)
     saved = optimizer.state_dict()
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -163,45 +245,62 @@ def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: Tr
                  progress_bar: ProgressBar | None = None, new_data: bool = False) -> TrainResult:
     """The training loop shared by experts and the router (see the module docstring). `new_data`:
     the latest checkpoint was trained on other data (records were added to the partition), and
-    training continues from it on these samples up to `config.steps`."""
+    training continues from it on these samples up to `config.steps`. Under torch.distributed, the
+    ranks train data-parallel (see the module docstring)."""
+    ranks = data_parallel_ranks()
+    if config.batch_size % ranks.world:
+        raise ValueError(f"{description}: batch_size={config.batch_size} does not divide by the {ranks.world} "
+                         f"data-parallel workers")
     device = pick_device(config.device)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generators = {"data": torch.Generator().manual_seed(config.seed),
-                  "noise": torch.Generator(device=device).manual_seed(config.seed + 1)}
+                  "noise": torch.Generator(device=device).manual_seed(_noise_seed(config.seed, ranks.rank))}
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
     fingerprint, blocks = samples.fingerprint(), samples.block_sizes()
     full_meta = {**meta, "config": config.model_dump(mode="json") | meta.get("config", {}),
                  "seed": config.seed, "data_fingerprint": fingerprint}
     start, uri = 0, None
+    if ranks.world > 1:
+        dist.barrier()  # rank 0 holds the folder's lease now: no one else writes while the ranks read
     if (checkpoint := latest_intact(folder)) is not None:
         check_resumable(checkpoint.meta, full_meta["config"], fingerprint, checkpoint.uri, new_data)
         model.load_state_dict({k[6:]: v for k, v in checkpoint.model.items() if k.startswith("model.")})
         ema = {k[4:]: v.to(device) for k, v in checkpoint.model.items() if k.startswith("ema.")}
-        _restore_state(optimizer, generators, checkpoint.state)
+        _restore_state(optimizer, generators, checkpoint.state, ranks.rank)
         start, uri = checkpoint.meta["step"], checkpoint.uri
         if start > config.steps:
             raise CheckpointMismatch(f"checkpoint {uri} is at step {start}, past steps={config.steps}: steps can "
                                      f"only be raised on resume")
+    _check_same_start(start, ranks, device, folder)
+    # A parameter that a step leaves unused (a branch of some domain's network) must not stall DDP's reduction.
+    forward = model if ranks.world == 1 else DistributedDataParallel(model, find_unused_parameters=True)
     resumed_from, last_loss = start, float("nan")
     window_loss, window_steps, window_start, t0 = 0.0, 0, time.perf_counter(), time.perf_counter()
-    bar = (progress_bar or tqdm)(range(start, config.steps), desc=description, disable=not config.progress,
-                                 initial=start, total=config.steps)
+    bar = (progress_bar or tqdm)(range(start, config.steps), desc=description,
+                                 disable=not config.progress or ranks.rank > 0, initial=start, total=config.steps)
 
     def save(done: int) -> str:
+        others = _gather_noise_states(generators["noise"], ranks, device)  # every rank takes part
+        if ranks.rank > 0:
+            return storage.join(folder, step_name(done))
         weights = {f"model.{k}": v for k, v in model.state_dict().items()}
         weights.update({f"ema.{k}": v for k, v in ema.items()})
-        saved = save_checkpoint(folder, done, weights, _state_tensors(optimizer, generators), full_meta)
+        saved = save_checkpoint(folder, done, weights, _state_tensors(optimizer, generators) | others, full_meta)
         prune_checkpoints(folder, config.keep_checkpoints)
         return saved
 
-    with _interrupt_at_step_boundary() as interrupted:
+    # A SIGINT that one rank alone saw would stop it between two collectives: with several ranks,
+    # their launcher stops them all.
+    interrupts = _interrupt_at_step_boundary() if ranks.world == 1 else contextlib.nullcontext(threading.Event())
+    with interrupts as interrupted:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, config)
             ids = batch_ids(blocks, step, config.batch_size, generators["data"], config.seed)
+            ids = ids.tensor_split(ranks.world)[ranks.rank]  # this rank's share of the global batch
             batch = {name: value.to(device) for name, value in samples.batch(ids).items()}
-            loss = loss_fn(model, batch, generators["noise"])
+            loss = loss_fn(forward, batch, generators["noise"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -215,12 +314,13 @@ def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: Tr
             window_loss, window_steps = window_loss + last_loss, window_steps + 1
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
+                window_loss = _mean_over_ranks(window_loss, ranks, device)
                 elapsed = time.perf_counter() - window_start
                 metrics = {"loss": window_loss / window_steps, "lr": _lr_at(step, config),
                            "samples_per_s": window_steps * config.batch_size / max(elapsed, 1e-9),
                            "wall_time": time.perf_counter() - t0}
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if on_log is not None:
+                if on_log is not None and ranks.rank == 0:
                     on_log(done, metrics)
                 window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
             if done % config.checkpoint_every == 0 or done == config.steps or interrupted.is_set():
@@ -229,7 +329,8 @@ def run_training(model: nn.Module, loss_fn: LossFn, samples: Samples, config: Tr
                 bar.close()
                 raise KeyboardInterrupt(f"{description}: interrupted; checkpoint {uri} holds step {done}")
     bar.close()
-    return TrainResult(checkpoint=uri, steps=config.steps, resumed_from=resumed_from, final_loss=last_loss)
+    return TrainResult(checkpoint=uri, steps=config.steps, resumed_from=resumed_from,
+                       final_loss=_mean_over_ranks(last_loss, ranks, device))
 
 
 def _check_finite(loss: float, norm: float, where: str, last_checkpoint: str | None) -> None:

@@ -7,6 +7,9 @@ evaluation, progress read from storage, and submission to a Ray cluster.
     archipelago sample --run-dir runs/sines -n 1000 --strategy top1 --out samples.npy
     archipelago evaluate --run-dir runs/sines --samples samples.npy --metrics correlational
     archipelago submit run.yaml --address http://10.0.0.1:8265 --wait
+    archipelago submit run.yaml --island a --address http://island-a:8265   # islands as separate clusters,
+    archipelago submit run.yaml --island b --address http://island-b:8265   # sharing only the run's storage,
+    archipelago assemble --run-dir s3://bucket/runs/sines                    # then the router and the ensemble
     archipelago add-data --run-dir runs/sines --data new.csv --new-partitions 1   # a new expert
     archipelago remove-expert --run-dir runs/sines --expert 2                     # forget a partition
     archipelago diagnose --run-dir runs/sines                                     # the router along t
@@ -21,7 +24,8 @@ or waits with --wait.
 Exit codes: 0 success; 2 the command line or the settings are wrong (one line naming the key or
 the file; nothing ran); 1 the run could not start or failed (one line: an unreachable Ray address
 or tracking server, an island with no node, an unwritable or conflicting run directory, bad data,
-a failed task, a job that did not succeed). `archipelago --debug ...` raises with the traceback.
+a failed task, a job that did not succeed, experts not done at `assemble`). `archipelago --debug ...`
+raises with the traceback.
 """
 
 from __future__ import annotations
@@ -32,14 +36,27 @@ import os
 import sys
 
 from archipelago.experts.lease import LeaseHeld
-from archipelago.platform import cli_config, jobs, modules, runner, sample_files, sdk, steps, tasks, tracking
+from archipelago.platform import (
+    cli_config,
+    credentials,
+    island_runs,
+    jobs,
+    modules,
+    runner,
+    sample_files,
+    sdk,
+    steps,
+    tasks,
+    tracking,
+)
 from archipelago.platform import distill as dist
 from archipelago.platform.cli_config import ConfigError, Settings
 from archipelago.platform.islands import MissingIslandError, TaskFailedError, use_token_auth
 from archipelago.platform.status import run_status, status_text
 
 PROG = "archipelago"
-RUNTIME_ERRORS = (OSError, ValueError, ArithmeticError, MissingIslandError, TaskFailedError, LeaseHeld)  # exit 1
+RUNTIME_ERRORS = (OSError, ValueError, ArithmeticError, MissingIslandError, TaskFailedError, LeaseHeld,
+                  island_runs.ExpertsNotDone)  # exit 1
 
 
 def positive(text: str) -> int:
@@ -66,20 +83,37 @@ class Parser(argparse.ArgumentParser):
 
 def fit(args: argparse.Namespace) -> int:
     s = cli_config.settings_from_args(args, absolute=True)
+    _check_island_flags(args)
     if args.dry_run:
-        return _print_plan(s)
+        return _print_plan(s, args.island, args.expert)
     if args.wait:
         s = dataclasses.replace(s, launch=dataclasses.replace(s.launch, wait=True))
+    if args.island:
+        return _fit_island(args, s)
     result = runner.fit(s.config, s.run_dir, domain=s.domain, launch=s.launch)
+    _print_tasks(result)
+    if result.parent_run_id:
+        print(f"mlflow run: {result.parent_run_id}\nmodel: {result.model_uri}")
+    print(f"run directory: {result.run_dir}\nnext: {PROG} sample --run-dir {result.run_dir} -n 16 --out samples.npy")
+    return 0
+
+
+def _fit_island(args: argparse.Namespace, s: Settings) -> int:
+    result = island_runs.fit_island(s.config, s.run_dir, args.island, s.launch, args.expert, domain=s.domain)
+    _print_tasks(result)
+    if result.parent_run_id:
+        print(f"mlflow run: {result.parent_run_id}")
+    print(f"island {args.island}: experts {[task['name'] for task in result.tasks]} done in {result.run_dir}\nnext, "
+          f"once every island is done: {PROG} assemble --run-dir {result.run_dir} (see {PROG} status)")
+    return 0
+
+
+def _print_tasks(result: runner.FitResult) -> None:
     for task in result.tasks:
         print(
             f"{task['name']}: {task['steps']} steps (resumed from {task['resumed_from']}), final loss "
             f"{task['final_loss']:.4f}, node {task['node_id']}, island {task['island']}"
         )
-    if result.parent_run_id:
-        print(f"mlflow run: {result.parent_run_id}\nmodel: {result.model_uri}")
-    print(f"run directory: {result.run_dir}\nnext: {PROG} sample --run-dir {result.run_dir} -n 16 --out samples.npy")
-    return 0
 
 
 def partition(args: argparse.Namespace) -> int:
@@ -127,15 +161,29 @@ def train_router(args: argparse.Namespace) -> int:
 
 
 def assemble(args: argparse.Namespace) -> int:
-    steps.load_config(args.run_dir)
+    config = steps.load_config(args.run_dir)
     if args.dry_run:
-        return _print_step_plan(args, f"write {steps.ENSEMBLE_FILE} in {args.run_dir} from the latest checkpoints")
+        return _print_step_plan(args, f"check that every expert is done, train the router unless it is, and write "
+                                      f"{steps.ENSEMBLE_FILE} in {args.run_dir} from the latest checkpoints")
     target = _target(args)
-    with steps.run_lease(args.run_dir, "archipelago assemble", args.wait):
-        steps.assemble(args.run_dir)
+    island_runs.check_experts_done(args.run_dir)  # before a parent run is made for nothing
+    if target is None and args.tracking_uri:  # islands tracked apart: the assembly gets a parent run of its own
+        uri = tracking.resolve_tracking_uri(args.tracking_uri)
+        tracking.check_tracking(uri)
+        parent = tracking.start_parent(uri, args.experiment, config.model_dump(mode="json"), args.run_dir, "assemble")
+        with tracking.finishing(uri, parent):
+            return _assemble(args, tasks.TrackingTarget(uri, parent))
+    return _assemble(args, target)
+
+
+def _assemble(args: argparse.Namespace, target: tasks.TrackingTarget | None) -> int:
+    router = island_runs.assemble_run(args.run_dir, target, args.wait)
+    if router:
+        _print_report(router)
     print(f"assembled {args.run_dir}")
     if target:
-        print(f"model: {tracking.log_ensemble_model(target.uri, target.parent_id, args.run_dir, args.register)}")
+        print(f"mlflow run: {target.parent_id}\nmodel: "
+              f"{tracking.log_ensemble_model(target.uri, target.parent_id, args.run_dir, args.register)}")
     return 0
 
 
@@ -269,8 +317,9 @@ def status(args: argparse.Namespace) -> int:
 
 def submit(args: argparse.Namespace) -> int:
     s = cli_config.settings_from_args(args)
+    _check_island_flags(args)
     use_token_auth()
-    job = jobs.job_for(s, os.environ)
+    job = jobs.job_for(s, os.environ, args.island, args.expert or ())
     working_dir = os.path.abspath(args.working_dir)
     if "://" not in s.run_dir and not os.path.isabs(s.run_dir):
         print(
@@ -306,10 +355,23 @@ def submit(args: argparse.Namespace) -> int:
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def _print_plan(s: Settings) -> int:
+def _check_island_flags(args: argparse.Namespace) -> None:
+    if args.expert and not args.island:
+        raise ConfigError("--expert names experts to train on an island: give --island too")
+
+
+def _print_plan(s: Settings, island: str | None = None, experts: list[int] | None = None) -> int:
     uri = tracking.resolve_tracking_uri(s.launch.tracking_uri) if s.launch.track else None
     ray = cli_config.ray_description(s.launch, os.environ.get("RAY_ADDRESS"))
-    print(f"{cli_config.to_yaml(s)}# plan\n{cli_config.fit_plan(s, uri, ray)}")
+    if island is None:
+        print(f"{cli_config.to_yaml(s)}# plan\n{cli_config.fit_plan(s, uri, ray)}")
+        return 0
+    c = s.config
+    placed = experts or [k for k in range(c.experts) if c.placement_of(k).island == island]
+    print(f"{cli_config.to_yaml(s)}# plan\nrun directory: {s.run_dir}\nray: {ray}\ntracking: {uri or 'off'}\n"
+          f"island {island}: check everything, ingest and partition unless another island did; train experts "
+          f"{placed or '(assigned to it in the manifest)'} there ({c.expert.steps} steps each); no router, no "
+          f"assembly: `{PROG} assemble` once every island is done")
     return 0
 
 
@@ -361,6 +423,14 @@ def _module_flags(p: argparse.ArgumentParser, positional: bool = False) -> None:
     p.add_argument("--register", metavar="NAME", help="register the new ensemble version under NAME")
 
 
+def _island_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--island", metavar="NAME",
+                   help="only this island's part, on its own cluster: its experts (placement, or --expert), no "
+                        "router and no assembly; then `assemble` once every island is done")
+    p.add_argument("--expert", type=int, action="append", metavar="K",
+                   help="with --island: train expert K there (repeatable), moving it from an island that is gone")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Decentralized diffusion models: K experts on K islands, one router.")
     parser.add_argument("--debug", action="store_true", help="raise errors with their traceback")
@@ -376,7 +446,9 @@ def build_parser() -> Parser:
                            help="wait while another writer holds the run directory (default: fail naming it)")
         return p
 
-    cli_config.settings_flags(command(fit, "Run (or resume) a whole fit: partition, experts and router, assemble."))
+    p = command(fit, "Run (or resume) a whole fit: partition, experts and router, assemble.")
+    cli_config.settings_flags(p)
+    _island_flags(p)
     p = command(
         partition, "Partition a run's data (given settings: check, ingest and write a new run directory first)."
     )
@@ -385,9 +457,11 @@ def build_parser() -> Parser:
     _run_flags(p)
     p.add_argument("--expert", type=int, required=True, metavar="K", help="the expert (partition) to train")
     _run_flags(command(train_router, "Train (or resume) the router in this process."))
-    p = command(assemble, "Write ensemble.json from the latest checkpoints.")
+    p = command(assemble, "Once every expert is done: train the router (unless done) and write ensemble.json.")
     _run_flags(p)
-    p.add_argument("--register", metavar="NAME", help="with --parent-run-id: register the logged model as NAME")
+    p.add_argument("--register", metavar="NAME", help="when tracked: register the logged model as NAME")
+    p.add_argument("--experiment", default="archipelago",
+                   help="with --tracking-uri and no --parent-run-id: the MLflow experiment of the assembly's run")
 
     p = command(sample, "Generate samples from an assembled run.")
     _run_flags(p, tracked=False)
@@ -446,8 +520,9 @@ def build_parser() -> Parser:
     _run_flags(p, tracked=False)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    p = command(submit, "Submit a fit as a Ray job, at most once per resolved settings.")
+    p = command(submit, "Submit a fit (or one island's part) as a Ray job, at most once per settings and island.")
     cli_config.settings_flags(p, ray=False)
+    _island_flags(p)
     p.add_argument(
         "--address", dest="dashboard", required=True, help="the cluster's dashboard address, http://<head>:8265"
     )
@@ -472,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else 0
     try:
         return args.handler(args)
-    except ConfigError as error:
+    except (ConfigError, credentials.SecretInConfig) as error:
         return _fail(args, error, 2)
     except RUNTIME_ERRORS as error:
         return _fail(args, error, 1)

@@ -12,7 +12,8 @@ read as YAML scalars or flow collections, numbers in the key index into lists: `
 expert.steps=200`, `--set placement.0.island=a`, `--set 'placement=[{island: a}]'`), then the named
 flags (`--run-dir`, `--experts`, `--device`, ...). Every mistake raises ConfigError with one line
 naming the key and where its value came from: the last `--set` or flag that wrote it (`--set
-expert.steps: ...`, `--experts: ...`), else the file (`run.yaml: expert.steps: ...`).
+expert.steps: ...`, `--experts: ...`), else the file (`run.yaml: expert.steps: ...`). Settings that
+hold a credential are refused the same way (`archipelago.platform.credentials`), the value masked.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from archipelago.experts.domain import Domain
+from archipelago.platform import credentials
 from archipelago.platform.config import RunConfig, describe, on_device, validate_domain
 from archipelago.platform.runner import Launch
 from archipelago.router.ensemble import Strategy
@@ -125,6 +127,10 @@ def resolve(
     raw.update(flags)
     writes = [(assignment.partition("=")[0], SET_FLAG) for assignment in sets]
     where = origin_namer(source, writes + [(key, _FLAG_NAMES.get(key, _flag(key))) for key in flags])
+    try:
+        credentials.check(raw, where)  # before validation, whose errors may echo a value
+    except credentials.SecretInConfig as error:
+        raise ConfigError(str(error)) from error
     run_dir = raw.pop(RUN_DIR, None)
     if not run_dir:
         raise ConfigError(f"{source}: no run_dir: set run_dir in the config file or pass --run-dir")

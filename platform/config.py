@@ -17,8 +17,10 @@ from archipelago.experts.conventions import Prediction
 from archipelago.experts.domain import Domain
 from archipelago.experts.training import RESUMABLE_KEYS, TrainConfig
 
-# Keys that do not change what a run computes, so they may differ when a run is resumed.
-NON_IDENTITY_KEYS = RESUMABLE_KEYS | {"device", "stream"}
+# Keys that do not change what a run computes, so they may differ when a run is resumed. Where
+# experts train (placement) is one of them: an expert may move to another island, or to more
+# data-parallel workers (whose extra ranks draw noise streams of their own from there on).
+NON_IDENTITY_KEYS = RESUMABLE_KEYS | {"device", "stream", "placement", "router_placement"}
 
 
 class PartitionConfig(BaseModel):
@@ -39,8 +41,9 @@ class Placement(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     island: str | None = None  # Ray node label island=<name>; None: anywhere
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)  # per worker
+    num_gpus: float = Field(0.0, ge=0)  # per worker
+    workers: int = Field(1, ge=1)  # data-parallel workers (Ray Train, DDP) of the expert on its island
 
 
 class RunConfig(BaseModel):
@@ -76,6 +79,21 @@ class RunConfig(BaseModel):
     def _placements_match_experts(self) -> RunConfig:
         if self.placement is not None and len(self.placement) != self.experts:
             raise ValueError(f"placement lists {len(self.placement)} experts, the run has experts={self.experts}")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_share_the_batch(self) -> RunConfig:
+        """Data-parallel workers split the expert's global batch evenly, each on GPUs of its own; the
+        router trains on one worker."""
+        for k, place in enumerate(self.placement or []):
+            if self.expert.batch_size % place.workers:
+                raise ValueError(f"placement.{k}.workers={place.workers} does not divide "
+                                 f"expert.batch_size={self.expert.batch_size}: each worker takes an equal share")
+            if place.workers > 1 and 0 < place.num_gpus < 1:
+                raise ValueError(f"placement.{k}.num_gpus={place.num_gpus}: data-parallel workers need a whole GPU "
+                                 f"each (NCCL runs one rank per GPU)")
+        if self.router_placement.workers != 1:
+            raise ValueError("router_placement.workers: the router trains on one worker")
         return self
 
     def placement_of(self, k: int) -> Placement:

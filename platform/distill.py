@@ -18,7 +18,6 @@ ensemble (`SampleRequest.model`): it is a one-expert ensemble with no router.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +36,7 @@ from archipelago.experts.distill import Teacher, check_student_fields, pairs_bat
 from archipelago.experts.domain import Domain, Statistics, merge_statistics
 from archipelago.experts.training import OnLog, TrainConfig, derive_seed
 from archipelago.platform import steps, versions
-from archipelago.platform.runner import Launch
+from archipelago.platform.runner import Launch, absolute_run_dir
 from archipelago.router.ensemble import Ensemble, Strategy
 from archipelago.router.sampling import SampleRequest, sample_ensemble
 
@@ -121,7 +120,7 @@ def distill_tracked(run_dir: str, config: DistillConfig, launch: Launch) -> dict
         return distill(run_dir, config, ray=launch.ray, wait=launch.wait, address=launch.address)
     from archipelago.platform import tracking
 
-    run_dir = _absolute(run_dir)
+    run_dir = absolute_run_dir(run_dir)
     checked = check(run_dir, config)
     uri = tracking.resolve_tracking_uri(launch.tracking_uri)
     tracking.check_tracking(uri)
@@ -129,14 +128,10 @@ def distill_tracked(run_dir: str, config: DistillConfig, launch: Launch) -> dict
     parent = tracking.start_parent(uri, launch.experiment, {"domain": saved.domain, "experts": saved.experts,
                                                             "distill": config.model_dump(mode="json")},
                                    run_dir, run_name="distill")
-    try:
+    with tracking.finishing(uri, parent):
         with tracking.ChildRun(uri, parent, "students", {"students": True}) as child:
             summary = _distill(run_dir, config, checked, launch.ray, launch.wait, launch.address, child.log)
         summary["model_uri"] = tracking.log_ensemble_model(uri, parent, run_dir, launch.register)
-    except BaseException:
-        tracking.finish_run(uri, parent, failed=True)
-        raise
-    tracking.finish_run(uri, parent)
     return summary
 
 
@@ -145,12 +140,8 @@ def distill(run_dir: str, config: DistillConfig, ray: bool = False, wait: bool |
     """Distil (or resume distilling) the run's newest ensemble: the dense student, the pairs (as Ray
     tasks with `ray`, on the cluster at `address`: default RAY_ADDRESS, else embedded; Ray starts
     only when pairs are missing), the reflow student, then students.json. Checked before any work."""
-    run_dir = _absolute(run_dir)
+    run_dir = absolute_run_dir(run_dir)
     return _distill(run_dir, config, check(run_dir, config), ray, wait, address, on_log)
-
-
-def _absolute(run_dir: str) -> str:
-    return run_dir if "://" in run_dir else os.path.abspath(run_dir)  # Ray workers resolve it in their own cwd
 
 
 def _distill(run_dir: str, config: DistillConfig, checked: Checked, ray: bool, wait: bool | float,

@@ -1,7 +1,8 @@
 """Compute islands on Ray: connect, find islands, and run plain Python callables as Ray tasks.
 
-This module and `archipelago.platform.jobs` are the only places in Archipelago that import Ray
-(its API has changed several times). Everything else hands plain functions to `submit_tasks`.
+This module, `archipelago.platform.jobs` and `archipelago.platform.data_parallel` (Ray Train) are
+the only places in Archipelago that import Ray (its API has changed several times). Everything
+else hands plain functions to `submit_tasks`.
 
 An *island* is a group of Ray nodes that carry the label `island=<name>`
 (`ray start --labels island=a`). A `TaskSpec` with an island becomes a Ray task with the hard

@@ -5,9 +5,10 @@ of a cluster with the local working directory uploaded beside it; its address is
 HTTP address (`http://<head>:8265`), not the GCS address that `islands.connect` takes.
 
 The submission id is a short hash of the resolved config (`submission_id_for`), so submitting the
-same config twice returns the job already on the cluster instead of starting a second copy. A Ray
-cluster never reuses a submission id: to rerun a config whose job failed, delete that job first
-(`ray job delete <id>`) or change the config.
+same config twice returns the job already on the cluster (pending, running or succeeded) instead of
+starting a second copy. A Ray cluster never reuses a submission id, so resubmitting a config whose
+job failed or was stopped submits attempt `<id>-2` (then `-3`, ...), which resumes from the run's
+checkpoints.
 
 Authentication follows `archipelago.platform.islands`: token mode unless RAY_AUTH_MODE says
 otherwise, with the token from ~/.ray/auth_token (or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH). The
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from archipelago.platform.cli_config import Settings
 
 # gitignore-style patterns never uploaded with a working directory: history, run outputs,
-# tracking stores, environments, caches and weights.
+# tracking stores, environments, caches, weights and credential files.
 DEFAULT_EXCLUDES = (
     ".git",
     "runs/",
@@ -53,6 +54,8 @@ DEFAULT_EXCLUDES = (
     "*.egg-info/",
     ".pytest_cache/",
     ".ruff_cache/",
+    ".env",
+    "*.pem",
 )
 _POLL_S = 0.5
 _LOG_TAIL_CHARS = 4000
@@ -73,8 +76,10 @@ class Job:
     submission_id: str
 
 
-def job_for(settings: Settings, environ: Mapping[str, str]) -> Job:
-    """The job that runs `archipelago fit` on the cluster with these settings.
+def job_for(settings: Settings, environ: Mapping[str, str], island: str | None = None,
+            experts: Sequence[int] = ()) -> Job:
+    """The job that runs `archipelago fit` on the cluster with these settings (with `island`: only
+    that island's part, `fit --island`, of the `experts` given or those placed there).
 
     The settings travel inline as JSON, so nothing is written into the working directory; the
     address is left out (the job joins the cluster it runs on, through the RAY_ADDRESS that Ray
@@ -87,6 +92,8 @@ def job_for(settings: Settings, environ: Mapping[str, str]) -> Job:
     if settings.launch.track and uri:
         env[tracking.TRACKING_ENV] = tracking.resolve_tracking_uri(uri)
     entrypoint = ["archipelago", "fit", "--config-json", json.dumps(values, sort_keys=True, separators=(",", ":"))]
+    if island is not None:
+        entrypoint += ["--island", island, *(flag for k in sorted(set(experts)) for flag in ("--expert", str(k)))]
     submission_id = submission_id_for({"entrypoint": entrypoint, "tracking_uri": env.get(tracking.TRACKING_ENV)})
     return Job(entrypoint=entrypoint, env_vars=env, submission_id=submission_id)
 
@@ -99,14 +106,22 @@ def submit_job(
     submission_id: str,
     excludes: Sequence[str] = (),
 ) -> str:
-    """Submit `entrypoint` as a Ray job, unless a job with `submission_id` exists; return the id.
+    """Submit `entrypoint` as a Ray job unless a job of `submission_id` is pending, running or
+    succeeded there; return the id of that job or of the new one.
 
-    `excludes` are gitignore-style patterns added to DEFAULT_EXCLUDES.
+    A job of this id that failed or was stopped does not block a resubmission: the new job gets the
+    next attempt id (`<id>-2`, `<id>-3`, ...; Ray never reuses an id). `excludes` are gitignore-style
+    patterns added to DEFAULT_EXCLUDES.
     """
     client = _client(address)
-    if _exists(client, submission_id):
-        logger.info("job %s already exists on %s; not submitting it again", submission_id, address)
-        return submission_id
+    attempts = _attempts(client, submission_id)
+    if attempts:
+        last, status = attempts[-1]
+        if status == JobStatus.SUCCEEDED or not status.is_terminal():
+            logger.info("job %s is %s on %s; not submitting it again", last, status.value, address)
+            return last
+        logger.warning("job %s ended %s on %s: submitting the same settings again", last, status.value, address)
+        submission_id = f"{submission_id}-{len(attempts) + 1}"
     runtime_env = {
         "working_dir": working_dir,
         "excludes": [*DEFAULT_EXCLUDES, *excludes],
@@ -117,7 +132,7 @@ def submit_job(
             entrypoint=shlex.join(entrypoint), submission_id=submission_id, runtime_env=runtime_env
         )
     except RuntimeError:
-        if _exists(client, submission_id):  # another submitter won the race
+        if any(job.submission_id == submission_id for job in client.list_jobs()):  # another submitter won the race
             return submission_id
         raise
 
@@ -147,5 +162,13 @@ def _client(address: str) -> JobSubmissionClient:
     return JobSubmissionClient(address)
 
 
-def _exists(client: JobSubmissionClient, submission_id: str) -> bool:
-    return any(job.submission_id == submission_id for job in client.list_jobs())
+def _attempts(client: JobSubmissionClient, submission_id: str) -> list[tuple[str, JobStatus]]:
+    """The jobs of `submission_id` on the cluster, first attempt first: (id, status)."""
+
+    def attempt(job_id: str) -> int | None:
+        head, _, n = job_id.rpartition("-")
+        return 1 if job_id == submission_id else int(n) if head == submission_id and n.isdigit() else None
+
+    found = sorted((n, job.submission_id, job.status) for job in client.list_jobs()
+                   if (n := attempt(job.submission_id or "")) is not None)
+    return [(job_id, status) for _, job_id, status in found]

@@ -17,9 +17,14 @@ from typing import Any
 
 from archipelago.experts import storage
 from archipelago.experts.domain import Domain
-from archipelago.platform import steps
+from archipelago.platform import credentials, steps
 from archipelago.platform.config import TRAININGS, RunConfig, validate_domain
-from archipelago.platform.tasks import TrackingTarget, train_expert_task, train_router_task
+from archipelago.platform.tasks import (
+    TrackingTarget,
+    train_expert_data_parallel_task,
+    train_expert_task,
+    train_router_task,
+)
 from archipelago.router.sampling import check_device
 
 
@@ -53,8 +58,11 @@ class FitResult:
     tasks: list[dict[str, Any]] = field(default_factory=list)
 
 
-def preflight(config: RunConfig, run_dir: str, launch: Launch, domain: Domain | None = None) -> Domain:
-    """Every check that needs no training, before anything is written (see the module docstring)."""
+def preflight(config: RunConfig, run_dir: str, launch: Launch, domain: Domain | None = None,
+              islands_here: set[str] | None = None) -> Domain:
+    """Every check that needs no training, before anything is written (see the module docstring).
+    `islands_here`: the islands this launch needs (default: every island the config names)."""
+    credentials.check_fit(config.model_dump(mode="json"), run_dir, launch)
     domain = domain or validate_domain(config)
     check_devices(config, launch)
     if launch.track:
@@ -65,7 +73,7 @@ def preflight(config: RunConfig, run_dir: str, launch: Launch, domain: Domain | 
         from archipelago.platform import islands
 
         islands.connect(launch.address)
-        islands.require_islands(config.islands(), launch.island_wait_s)
+        islands.require_islands(config.islands() if islands_here is None else islands_here, launch.island_wait_s)
     storage.check_writable(run_dir)
     steps.check_run_dir(config, run_dir)
     return domain
@@ -100,25 +108,27 @@ def prepare(config: RunConfig, run_dir: str, launch: Launch, source: Any = None,
     into the run directory (see `steps.prepare`, `steps.partition` and `steps.encode`). Returns the
     run directory, made absolute when it is a local path, because Ray workers and job nodes resolve
     relative paths in their own cwd."""
-    run_dir = _absolute(run_dir)
+    run_dir = absolute_run_dir(run_dir)
     domain = preflight(config, run_dir, launch, domain)
     with steps.run_lease(run_dir, "archipelago partition", launch.wait):
-        _prepare_steps(config, run_dir, source, domain)
+        prepare_steps(config, run_dir, source, domain)
     return run_dir
 
 
-def _prepare_steps(config: RunConfig, run_dir: str, source: Any, domain: Domain) -> None:
+def prepare_steps(config: RunConfig, run_dir: str, source: Any, domain: Domain) -> None:
     steps.prepare(config, run_dir, source=source, domain=domain)  # checks the run directory again, now leased
     steps.partition(run_dir)
     steps.encode(run_dir)
 
 
-def _absolute(run_dir: str | os.PathLike) -> str:
+def absolute_run_dir(run_dir: str | os.PathLike) -> str:
     run_dir = os.fspath(run_dir)
     return run_dir if "://" in run_dir else os.path.abspath(run_dir)
 
 
-def _task_specs(config: RunConfig, run_dir: str, target: TrackingTarget | None, launch: Launch) -> list:
+def _task_specs(config: RunConfig, run_dir: str, target: TrackingTarget | None, launch: Launch,
+                experts: dict[int, str | None], router: bool) -> list:
+    """Ray tasks for `experts` (expert id: its island) and, with `router`, the router."""
     from archipelago.platform import islands
 
     env = {}
@@ -128,33 +138,44 @@ def _task_specs(config: RunConfig, run_dir: str, target: TrackingTarget | None, 
         env = {TRACKING_ENV: target.uri}
     ray = {"max_retries": launch.max_retries, "env_vars": env, "kwargs": {"in_ray_worker": True}}
     specs = []
-    for k in steps.expert_ids(run_dir):
+    for k, island in experts.items():
         place = config.placement_of(k)
-        specs.append(islands.TaskSpec(train_expert_task, (run_dir, k, target), name=f"expert-{k}", island=place.island,
+        if place.workers > 1:  # Ray Train's workers reserve the resources; the task that drives them, none
+            specs.append(islands.TaskSpec(train_expert_data_parallel_task, (run_dir, k, target, island),
+                                          {"max_retries": launch.max_retries}, name=f"expert-{k}", island=island,
+                                          num_cpus=0, max_retries=launch.max_retries, env_vars=env))
+            continue
+        specs.append(islands.TaskSpec(train_expert_task, (run_dir, k, target), name=f"expert-{k}", island=island,
                                       num_cpus=place.num_cpus, num_gpus=place.num_gpus, **ray))
-    place = config.router_placement
-    specs.append(islands.TaskSpec(train_router_task, (run_dir, target), name="router", island=place.island,
-                                  num_cpus=place.num_cpus, num_gpus=place.num_gpus, **ray))
+    if router:
+        place = config.router_placement
+        specs.append(islands.TaskSpec(train_router_task, (run_dir, target), name="router", island=place.island,
+                                      num_cpus=place.num_cpus, num_gpus=place.num_gpus, **ray))
     return specs
 
 
-def _train(config: RunConfig, run_dir: str, target: TrackingTarget | None, launch: Launch) -> list[dict[str, Any]]:
-    """Train the experts and the router: in this process one after the other, or as Ray tasks."""
+def train_parts(config: RunConfig, run_dir: str, target: TrackingTarget | None, launch: Launch,
+           experts: dict[int, str | None] | None = None, router: bool = True) -> list[dict[str, Any]]:
+    """Train `experts` (expert id: its island; default: every expert on its configured island) and,
+    with `router`, the router: in this process one after the other, or as Ray tasks."""
+    if experts is None:
+        experts = {k: config.placement_of(k).island for k in steps.expert_ids(run_dir)}
     if not launch.ray:
-        return [*(train_expert_task(run_dir, k, target) for k in steps.expert_ids(run_dir)),
-                train_router_task(run_dir, target)]
+        return [*(train_expert_task(run_dir, k, target) for k in experts),
+                *([train_router_task(run_dir, target)] if router else [])]
     from archipelago.platform import islands
 
-    return islands.submit_tasks(_task_specs(config, run_dir, target, launch), island_wait_s=launch.island_wait_s)
+    specs = _task_specs(config, run_dir, target, launch, experts, router)
+    return islands.submit_tasks(specs, island_wait_s=launch.island_wait_s)
 
 
 def fit(config: RunConfig, run_dir: str, source: Any = None, domain: Domain | None = None,
         launch: Launch = Launch()) -> FitResult:
     """Run (or resume) every step of a fit, holding the run directory's lease; see the module docstring."""
-    run_dir = _absolute(run_dir)
+    run_dir = absolute_run_dir(run_dir)
     domain = preflight(config, run_dir, launch, domain)
     with steps.run_lease(run_dir, "archipelago fit", launch.wait):
-        _prepare_steps(config, run_dir, source, domain)
+        prepare_steps(config, run_dir, source, domain)
         return train_and_assemble(config, run_dir, launch)
 
 
@@ -162,20 +183,16 @@ def train_and_assemble(config: RunConfig, run_dir: str, launch: Launch) -> FitRe
     """Train (or resume) every expert and the router of a partitioned run directory, assemble the
     ensemble, and with tracking log it to MLflow (and register it when the launch says so)."""
     if not launch.track:
-        results = _train(config, run_dir, None, launch)
+        results = train_parts(config, run_dir, None, launch)
         steps.assemble(run_dir)
         return FitResult(run_dir=run_dir, parent_run_id=None, model_uri=None, tasks=results)
     from archipelago.platform import tracking
 
     uri = tracking.resolve_tracking_uri(launch.tracking_uri)
     parent = tracking.start_parent(uri, launch.experiment, config.model_dump(mode="json"), run_dir)
-    try:
-        results = _train(config, run_dir, TrackingTarget(uri, parent), launch)
+    with tracking.finishing(uri, parent):
+        results = train_parts(config, run_dir, TrackingTarget(uri, parent), launch)
         steps.assemble(run_dir)
         model_uri = tracking.log_ensemble_model(uri, parent, run_dir, launch.register)
         tracking.log_sample_grid(uri, parent, run_dir)
-    except BaseException:
-        tracking.finish_run(uri, parent, failed=True)
-        raise
-    tracking.finish_run(uri, parent)
     return FitResult(run_dir=run_dir, parent_run_id=parent, model_uri=model_uri, tasks=results)

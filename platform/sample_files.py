@@ -121,7 +121,7 @@ def read(path: str, domain: Domain) -> Samples:
     expected = ".parquet" if _writes_records(domain) else ".npy"
     if Path(path).suffix.lower() != expected:
         raise ValueError(f"{path}: expected a {expected} file written by `archipelago sample`")
-    items = str(path) if _writes_records(domain) else np.load(path)
+    items = str(path) if _writes_records(domain) else np.load(path, allow_pickle=False)
     table = domain.ingest(items, fit=False)
     batch = domain.samples(table).batch(torch.arange(table.num_rows))
     if _writes_records(domain):

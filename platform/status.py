@@ -1,5 +1,6 @@
-"""A run's progress, read from storage: partition sizes, each training's latest step, assembled or
-not, its distilled students, and who writes the run and each training now (their leases).
+"""A run's progress, read from storage: partition sizes, each training's latest step, each expert's
+island and state (the manifest reconciled with checkpoints and leases, `manifest.reconcile`),
+assembled or not, its distilled students, and who writes the run and each training now (their leases).
 
 Only complete checkpoints count (LATEST moves after their files), so this is safe while a fit
 writes the run directory from anywhere.
@@ -13,7 +14,8 @@ from typing import Any
 from archipelago.experts import storage
 from archipelago.experts.checkpoint import latest_checkpoint
 from archipelago.experts.lease import holder
-from archipelago.platform import distill, steps, versions
+from archipelago.platform import distill, manifest, steps, versions
+from archipelago.platform.config import RunConfig
 
 
 def _progress(folder: str, configured: int) -> dict[str, Any]:
@@ -21,6 +23,18 @@ def _progress(folder: str, configured: int) -> dict[str, Any]:
     step = storage.read_json(storage.join(latest, "meta.json"))["step"] if latest else None
     state = "not started" if step is None else "done" if step >= configured else "in progress"
     return {"step": step, "steps": configured, "state": state, "writer": _writer(folder)}
+
+
+def _expert(run_dir: str, config: RunConfig, summary: dict[str, Any], k: int, record: dict[str, Any] | None
+            ) -> dict[str, Any]:
+    """Expert k's progress, with its island and state from the manifest reconciled with its
+    checkpoints and lease (`manifest.reconcile`); a failed expert's error."""
+    folder = steps.expert_dir(run_dir, k)
+    progress = _progress(folder, steps.steps_of(summary, config, k))
+    state = manifest.reconcile(record, progress["step"], progress["steps"], holder(folder))
+    record = record or {}
+    return {"expert": k, "island": record.get("island") or config.placement_of(k).island, **progress,
+            "state": state, "error": record.get("error") if state == "failed" else None}
 
 
 def _writer(folder: str) -> str | None:
@@ -34,18 +48,12 @@ def run_status(run_dir: str) -> dict[str, Any]:
     partitioned = storage.exists(storage.join(run_dir, steps.PARTITION_FILE))
     # Before partitioning, the summary's defaults: experts 0..K-1 at the run's steps, generation 0.
     summary = steps.read_summary(run_dir) if partitioned else {"sizes": [0] * config.experts}
+    records = manifest.read_all(run_dir)
     return {
         "run_dir": run_dir,
         "domain": config.domain,
         "partition_sizes": summary["sizes"] if partitioned else None,
-        "experts": [
-            {
-                "expert": k,
-                "island": config.placement_of(k).island,
-                **_progress(steps.expert_dir(run_dir, k), steps.steps_of(summary, config, k)),
-            }
-            for k in steps.ids_of(summary)
-        ],
+        "experts": [_expert(run_dir, config, summary, k, records.get(k)) for k in steps.ids_of(summary)],
         "router": _progress(steps.router_dir(run_dir, steps.generation_of(summary)), config.router.steps),
         "versions": [{key: v.get(key) for key in ("version", "expert_ids", "change", "at", "withdrawn")}
                      for v in versions.history(run_dir)],
@@ -72,9 +80,11 @@ def status_text(status: dict[str, Any], as_json: bool = False) -> str:
     sizes = status["partition_sizes"]
 
     def row(name: str, p: dict[str, Any], size: Any = "") -> str:
-        return f"{name:<10} {p['step'] if p['step'] is not None else '-':>6} / {p['steps']:<6} {p['state']:<12} {size}"
+        step, island = p["step"] if p["step"] is not None else "-", p.get("island") or "-"
+        return f"{name:<10} {step:>6} / {p['steps']:<6} {p['state']:<12} {size!s:<8} {island}"
 
-    lines = [f"run {status['run_dir']} ({status['domain']})", f"{'':<10} {'step':>6} / {'steps':<6} {'state':<12} size"]
+    lines = [f"run {status['run_dir']} ({status['domain']})",
+             f"{'':<10} {'step':>6} / {'steps':<6} {'state':<12} {'size':<8} island"]
     lines += [row(f"expert {e['expert']}", e, sizes[e["expert"]] if sizes else "-") for e in status["experts"]]
     lines += [row("router", status["router"], sum(sizes) if sizes else "-")]
     lines += [
@@ -87,5 +97,6 @@ def status_text(status: dict[str, Any], as_json: bool = False) -> str:
         f"writer: {status['writer'] or 'none'}",
         *(f"  expert {e['expert']}: {e['writer']}" for e in status["experts"] if e["writer"]),
         *([f"  router: {status['router']['writer']}"] if status["router"]["writer"] else []),
+        *(f"expert {e['expert']} failed: {e['error']}" for e in status["experts"] if e.get("error")),
     ]
     return "\n".join(lines)

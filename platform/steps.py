@@ -29,6 +29,7 @@ Ingesting and clustering also hold the records (an Arrow table) and their featur
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -55,11 +56,12 @@ from archipelago.experts.training import (
     OnLog,
     ProgressBar,
     TrainResult,
+    data_parallel_ranks,
     derive_seed,
     pick_device,
     train_expert,
 )
-from archipelago.platform import versions
+from archipelago.platform import manifest, versions
 from archipelago.platform.config import TRAININGS, RunConfig, identity_diff, validate_domain
 from archipelago.router.diagnostics import router_calibration
 from archipelago.router.likelihood import LikelihoodRouter
@@ -153,7 +155,8 @@ def check_run_dir(config: RunConfig, run_dir: str) -> bool:
     """True when run_dir already holds this run; raise RunConflict when it holds another."""
     uri = storage.join(run_dir, RUN_FILE)
     if not storage.exists(uri):
-        if [name for name in storage.list_dir(run_dir) if not name.startswith(LEASE_FILE)]:
+        # A lease, or another writer's probe (an island checking the run directory at the same time), is no run.
+        if [name for name in storage.list_dir(run_dir) if not name.startswith((LEASE_FILE, storage.PROBE_PREFIX))]:
             raise RunConflict(f"{run_dir} is not empty and holds no {RUN_FILE}: choose an empty or new directory")
         return False
     # Through RunConfig, so that a setting added since the run was made compares as its default.
@@ -427,18 +430,34 @@ def run_lease(run_dir: str, purpose: str, wait: bool | float = False) -> Lease:
     return Lease(run_dir, purpose, wait)
 
 
-def train_expert_step(run_dir: str, k: int, on_log: OnLog | None = None,
-                      progress_bar: ProgressBar | None = None, wait: bool | float = False) -> TrainResult:
+def train_expert_step(run_dir: str, k: int, on_log: OnLog | None = None, progress_bar: ProgressBar | None = None,
+                      wait: bool | float = False, island: str | None = None) -> TrainResult:
     """Train (or resume) expert k on its own partition, holding the lease of its folder (`wait` as
-    in `Lease`)."""
+    in `Lease`) and recording its state, on `island`, in the run's manifest. As one of several
+    data-parallel ranks (`archipelago.platform.data_parallel`), only rank 0 takes the lease and
+    writes the manifest; the other ranks read and compute."""
     config, domain, summary = load_config(run_dir), load_domain(run_dir), read_summary(run_dir)
     check_expert(run_dir, k, summary)
     train = config.expert.model_copy(update={"seed": derive_seed(config.seed, "expert", k),
                                              "steps": steps_of(summary, config, k)})
     expert = ExpertConfig(partition=k, prediction=config.prediction, train=train)
-    with Lease(expert_dir(run_dir, k), f"training expert {k}", wait):
-        return train_expert(expert, domain, expert_samples(run_dir, k, domain), expert_dir(run_dir, k), on_log,
-                            summary["statistics"][k], progress_bar, new_data=k in summary.get("grown", []))
+    writer = data_parallel_ranks().rank == 0
+    with contextlib.ExitStack() as held:
+        if writer:
+            held.enter_context(Lease(expert_dir(run_dir, k), f"training expert {k}", wait))
+            if _checkpoint_step(expert_dir(run_dir, k)) < train.steps:  # a finished expert's record stays as is
+                held.enter_context(manifest.training(run_dir, k, island))
+        result = train_expert(expert, domain, expert_samples(run_dir, k, domain), expert_dir(run_dir, k), on_log,
+                              summary["statistics"][k], progress_bar, new_data=k in summary.get("grown", []))
+        if writer:
+            manifest.finished(run_dir, k, result.checkpoint, result.steps)
+        return result
+
+
+def _checkpoint_step(folder: str) -> int:
+    """The step of the latest complete checkpoint in `folder` (0 without one)."""
+    latest = latest_checkpoint(folder)
+    return storage.read_json(storage.join(latest, "meta.json"))["step"] if latest else 0
 
 
 def train_router_step(run_dir: str, on_log: OnLog | None = None, progress_bar: ProgressBar | None = None,

@@ -12,6 +12,7 @@ imported, so that an in-process untracked fit imports neither.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -52,17 +53,17 @@ def _worker(in_ray_worker: bool) -> tuple[dict[str, Any], ProgressBar | None]:
 
 def _tracked(name: str, target: TrackingTarget | None, tags: dict[str, Any], train, in_ray_worker: bool,
              report: Callable[[Any], None] | None = None) -> dict[str, Any]:
-    """Run `train(on_log, progress_bar)` in a child run; `report(child)` then logs more to it."""
+    """Run `train(on_log, progress_bar, island)` in a child run; `report(child)` then logs more to it."""
     placement, progress_bar = _worker(in_ray_worker)
     logger.warning("%s starting on node %s (island %s, pid %s)", name, placement["node_id"], placement["island"],
                    placement["pid"])
     if target is None:
-        return _report(name, train(None, progress_bar), placement)
+        return _report(name, train(None, progress_bar, placement["island"]), placement)
     from archipelago.platform import tracking
 
     all_tags = {**tags, "node": placement["node_id"], "island": placement["island"], "hostname": placement["hostname"]}
     with tracking.ChildRun(target.uri, target.parent_id, name, all_tags) as child:
-        result = train(child.log, progress_bar)
+        result = train(child.log, progress_bar, placement["island"])
         child.set_tags({"resumed_from": result.resumed_from, "checkpoint": result.checkpoint})
         if report is not None:
             report(child)
@@ -78,7 +79,22 @@ def train_expert_task(run_dir: str, k: int, target: TrackingTarget | None = None
     tags = {"expert": k, "partition_size": summary["sizes"][k], "data_fingerprint": summary["data_fingerprint"]}
     wait = _retry_wait(in_ray_worker) if wait is None else wait
     return _tracked(f"expert-{k}", target, tags,
-                    lambda on_log, bar: steps.train_expert_step(run_dir, k, on_log, bar, wait), in_ray_worker)
+                    lambda on_log, bar, island: steps.train_expert_step(run_dir, k, on_log, bar, wait, island),
+                    in_ray_worker)
+
+
+def train_expert_data_parallel_task(run_dir: str, k: int, target: TrackingTarget | None = None,
+                                    island: str | None = None, *, wait: bool | float | None = None,
+                                    max_retries: int = 3) -> dict[str, Any]:
+    """Train (or resume) expert k data-parallel on its placement's workers on `island`, with Ray Train
+    (`archipelago.platform.data_parallel`; runs only on Ray). Rank 0 trains it as `train_expert_task`
+    does, tracked in the one child run `expert-<k>` with rank 0's metrics; `max_retries`: restarts
+    of the workers after one of them died."""
+    from archipelago.platform import data_parallel
+
+    steps.check_expert(run_dir, k)
+    lead = functools.partial(train_expert_task, run_dir, k, target, in_ray_worker=True, wait=wait)
+    return data_parallel.train_expert(run_dir, k, island, lead, max_retries)
 
 
 def train_router_task(run_dir: str, target: TrackingTarget | None = None, *,
@@ -87,7 +103,7 @@ def train_router_task(run_dir: str, target: TrackingTarget | None = None, *,
     summary = steps.partition(run_dir)
     tags = {"router": True, "partition_sizes": summary["sizes"], "data_fingerprint": summary["data_fingerprint"]}
     wait = _retry_wait(in_ray_worker) if wait is None else wait
-    return _tracked("router", target, tags, lambda on_log, bar: steps.train_router_step(run_dir, on_log, bar, wait),
+    return _tracked("router", target, tags, lambda on_log, bar, _: steps.train_router_step(run_dir, on_log, bar, wait),
                     in_ray_worker, report=lambda child: child.log_router_calibration(steps.router_diagnostics(run_dir)))
 
 

@@ -6,7 +6,7 @@
     with ChildRun(uri, parent, "expert-0", {"expert": 0, "island": "a"}) as child:   # inside a Ray task
         train_expert_step(run_dir, 0, on_log=child.log)
     model_uri = log_ensemble_model(uri, parent, run_dir, registered_name="stocks")
-    finish_run(uri, parent)
+    finish_run(uri, parent)                          # or: with finishing(uri, parent): ... (FAILED if it raises)
 
 Every call goes through an explicit `mlflow.MlflowClient(uri)` and never through the fluent API
 (`mlflow.start_run` keeps the active run in module state, so a Ray worker reused for a second task
@@ -49,7 +49,7 @@ from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from archipelago.experts import storage
-from archipelago.platform import distill, steps
+from archipelago.platform import credentials, distill, steps
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"  # the variable the runner passes to Ray workers
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nesting runs in its UI
@@ -73,9 +73,13 @@ def resolve_tracking_uri(uri: str | None) -> str:
 
     None: `mlflow.get_tracking_uri()`, which honours `mlflow.set_tracking_uri`, then the variable
     MLFLOW_TRACKING_URI, then MLflow's default `sqlite:///<abs cwd>/mlflow.db`. A SQLite URI with
-    a relative path is made absolute against this process's working directory.
+    a relative path is made absolute against this process's working directory. A URI that carries a
+    credential (`http://user:password@host`) raises `credentials.SecretInConfig`: it would travel to
+    Ray workers and jobs in plain sight; MLflow reads MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN.
     """
+    key = "tracking_uri" if uri else TRACKING_ENV  # where the URI came from, for the error
     uri = uri or mlflow.get_tracking_uri()
+    credentials.check_uri(uri, key)
     path = _sqlite_path(uri)
     if path is not None and path != ":memory:" and not os.path.isabs(path):
         return f"sqlite:///{os.path.abspath(path)}"
@@ -163,6 +167,17 @@ def finish_run(uri: str, run_id: str, failed: bool = False) -> None:
     mlflow.MlflowClient(uri).set_terminated(run_id, status)
 
 
+@contextmanager
+def finishing(uri: str, run_id: str) -> Iterator[None]:
+    """Mark the run FINISHED when the block ends, or FAILED when it raises (then re-raise)."""
+    try:
+        yield
+    except BaseException:
+        finish_run(uri, run_id, failed=True)
+        raise
+    finish_run(uri, run_id)
+
+
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested dicts and lists as dotted keys (`expert.lr`, `placement.0.island`), values as text.
 
@@ -181,8 +196,9 @@ def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 
 def _tag_values(tags: Mapping[str, Any]) -> dict[str, str]:
-    """Tags as MLflow stores them: text within its length limit (None values left out)."""
-    return {str(k)[:MAX_KEY]: str(v)[:MAX_TAG_VALUE] for k, v in tags.items() if v is not None}
+    """Tags as MLflow stores them: text within its length limit (None values left out), any credential
+    masked (a step run on `--run-dir s3://KEY:SECRET@bucket/...` would tag its checkpoint's path)."""
+    return {str(k)[:MAX_KEY]: credentials.redact(str(v))[:MAX_TAG_VALUE] for k, v in tags.items() if v is not None}
 
 
 def _experiment_id(client: mlflow.MlflowClient, uri: str, name: str) -> str:

@@ -28,6 +28,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from ray.util.state import list_nodes
 
 from archipelago.platform.islands import use_token_auth
@@ -38,32 +39,68 @@ STOP_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
-class TwoNodeCluster:
+class LocalCluster:
+    """A Ray cluster started by these helpers."""
+
     address: str  # GCS host:port, for islands.connect
     dashboard_url: str  # http://host:port, for job submission
-    logs: tuple[Path, Path]  # the output of the head's and of the worker's `ray start`
+    logs: tuple[Path, ...]  # the output of each node's `ray start`, the head's first
+    processes: tuple[subprocess.Popen, ...] = ()  # each node's `ray start --block`, the head's first
+
+    def kill(self) -> None:
+        """Kill every node at once, as a lost machine would: SIGKILL to each node's processes and all
+        their descendants (Ray workers run in process groups of their own)."""
+        doomed = [psutil.Process(process.pid) for process in self.processes if process.poll() is None]
+        doomed += [child for parent in list(doomed) for child in parent.children(recursive=True)]
+        for process in doomed:
+            with suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 @contextmanager
-def two_node_cluster(tmp_path: Path) -> Iterator[TwoNodeCluster]:
+def two_node_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """Start a head on island "a" and a worker on island "b"; stop exactly those at exit."""
+    env = _auth_env()
+    logs = (tmp_path / "head.log", tmp_path / "worker.log")
+    with ExitStack() as stack:
+        head, (address, dashboard_url), worker_ports = _start_head(stack, "a", logs[0], env, extra_ports=2)
+        worker_args = ["--address", address, *_agent_ports(*worker_ports)]
+        worker = stack.enter_context(_node("b", worker_args, logs[1], env))
+        _wait_for_islands(dashboard_url, {"a", "b"}, [(head, logs[0]), (worker, logs[1])])
+        yield LocalCluster(address, dashboard_url, logs, (head, worker))
+
+
+@contextmanager
+def one_node_cluster(tmp_path: Path, island: str) -> Iterator[LocalCluster]:
+    """A Ray cluster of its own (its own head, GCS and dashboard) whose one node is island `island`."""
+    env = _auth_env()
+    log = tmp_path / f"island-{island}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        head, (address, dashboard_url), _ = _start_head(stack, island, log, env)
+        _wait_for_islands(dashboard_url, {island}, [(head, log)])
+        yield LocalCluster(address, dashboard_url, (log,), (head,))
+
+
+def _auth_env() -> dict[str, str]:
     use_token_auth()
     env = dict(os.environ)
     if env.get("RAY_AUTH_MODE") == "token":  # `ray start --head` never creates a token itself
         subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    gcs_port, dashboard_port, client_port, *node_ports = _free_ports(7)
-    address, dashboard_url = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
-    head_args = ["--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1"]
-    head_args += ["--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(client_port)]
-    head_args += _agent_ports(*node_ports[:2])
-    logs = (tmp_path / "head.log", tmp_path / "worker.log")
-    with ExitStack() as stack:
-        head = stack.enter_context(_node("a", head_args, logs[0], env))
-        _wait_for_port(gcs_port, head, logs[0])
-        worker_args = ["--address", address, *_agent_ports(*node_ports[2:])]
-        worker = stack.enter_context(_node("b", worker_args, logs[1], env))
-        _wait_for_islands(dashboard_url, {"a", "b"}, [(head, logs[0]), (worker, logs[1])])
-        yield TwoNodeCluster(address, dashboard_url, logs)
+    return env
+
+
+def _start_head(stack: ExitStack, island: str, log: Path, env: dict[str, str], extra_ports: int = 0
+                ) -> tuple[subprocess.Popen, tuple[str, str], list[int]]:
+    """A head node on `island`, once its GCS port is open: its process, (GCS address, dashboard
+    URL), and `extra_ports` more free ports distinct from its own (for a worker)."""
+    gcs_port, dashboard_port, client_port, agent_port, metrics_port, *extra = _free_ports(5 + extra_ports)
+    args = ["--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1"]
+    args += ["--dashboard-port", str(dashboard_port), "--ray-client-server-port", str(client_port)]
+    args += _agent_ports(agent_port, metrics_port)
+    head = stack.enter_context(_node(island, args, log, env))
+    _wait_for_port(gcs_port, head, log)
+    return head, (f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"), extra
 
 
 @contextmanager

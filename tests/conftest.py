@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from archipelago.platform import islands
-from tests.cluster import TwoNodeCluster, two_node_cluster
+from tests.cluster import LocalCluster, two_node_cluster
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -34,7 +34,7 @@ def ray_local() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeCluster]:
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """Started once (about 30 s) for every test that needs islands on separate nodes; stopped by PID."""
     with two_node_cluster(tmp_path_factory.mktemp("two-nodes")) as cluster:
         yield cluster

@@ -28,7 +28,7 @@ from archipelago.platform.islands import (
     submit_tasks,
 )
 from archipelago.platform.jobs import submission_id_for, submit_job, wait_job
-from tests.cluster import TwoNodeCluster
+from tests.cluster import LocalCluster
 
 # Plain functions that know nothing of Ray (workers import this module through PYTHONPATH).
 
@@ -122,7 +122,7 @@ print(json.dumps({"placements": submit_tasks(specs, island_wait_s=30), "islands"
 """
 
 
-def test_tasks_run_on_the_node_of_their_island(two_nodes: TwoNodeCluster) -> None:
+def test_tasks_run_on_the_node_of_their_island(two_nodes: LocalCluster) -> None:
     """The driver starts without RAY_AUTH_MODE: `connect` must turn token authentication on."""
     driver = [sys.executable, "-c", PLACEMENT_DRIVER, two_nodes.address]
     env = {name: value for name, value in os.environ.items() if name != "RAY_AUTH_MODE"}
@@ -134,13 +134,13 @@ def test_tasks_run_on_the_node_of_their_island(two_nodes: TwoNodeCluster) -> Non
     assert report["islands"] == {"a": [on_a["node_id"]], "b": [on_b["node_id"]]}
 
 
-def test_connect_rejects_the_dashboard_address(two_nodes: TwoNodeCluster) -> None:
+def test_connect_rejects_the_dashboard_address(two_nodes: LocalCluster) -> None:
     dashboard = two_nodes.dashboard_url.removeprefix("http://")
     with pytest.raises(ConnectionError, match="not a Ray GCS address"):
         connect(dashboard)
 
 
-def test_job_submission_is_idempotent(two_nodes: TwoNodeCluster, tmp_path: Path) -> None:
+def test_job_submission_is_idempotent(two_nodes: LocalCluster, tmp_path: Path) -> None:
     entrypoint = [sys.executable, "-c", "print('hi')"]
     submission_id = submission_id_for({"entrypoint": entrypoint})
     (tmp_path / "note.txt").write_text("a small working dir\n")
@@ -152,3 +152,17 @@ def test_job_submission_is_idempotent(two_nodes: TwoNodeCluster, tmp_path: Path)
     # The cluster is shared with other tests' jobs; drivers connecting directly are listed without an id.
     assert [job.submission_id for job in client.list_jobs()].count(submission_id) == 1
     assert "hi" in client.get_job_logs(submission_id)
+
+
+def test_a_failed_job_is_submitted_again_as_its_next_attempt(two_nodes: LocalCluster, tmp_path: Path) -> None:
+    flag = tmp_path / "second-time"  # the entrypoint fails once, then succeeds
+    entrypoint = [sys.executable, "-c", f"import os, sys; p = {str(flag)!r}; ok = os.path.exists(p); "
+                  "open(p, 'w').close(); sys.exit(0 if ok else 3)"]
+    submission_id = submission_id_for({"entrypoint": entrypoint})
+    submit = dict(working_dir=str(tmp_path), env_vars={}, submission_id=submission_id, excludes=[])
+    assert submit_job(two_nodes.dashboard_url, entrypoint, **submit) == submission_id
+    assert wait_job(two_nodes.dashboard_url, submission_id, timeout_s=60) == "FAILED"
+    again = submit_job(two_nodes.dashboard_url, entrypoint, **submit)
+    assert again == f"{submission_id}-2"
+    assert wait_job(two_nodes.dashboard_url, again, timeout_s=60) == "SUCCEEDED"
+    assert submit_job(two_nodes.dashboard_url, entrypoint, **submit) == again  # succeeded: not run a third time

@@ -63,10 +63,10 @@ class Dinov2Features:
             raise ImportError("features='dinov2:...' needs Hugging Face transformers: pip install transformers") \
                 from error
         try:
-            self.model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+            self.model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot load a DINOv2 model from {folder!r} (a local folder saved with "
-                             f"save_pretrained): {error}") from error
+                             f"save_pretrained, weights in safetensors): {error}") from error
         self.side = min(int(self.model.config.image_size), DINO_SIDE)
         self.batch_size = batch_size
 

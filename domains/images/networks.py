@@ -232,13 +232,14 @@ def autoencoder(channels: int, height: int, width: int, preset: str, latent_chan
 
 
 def pretrained_autoencoder(path: str, channels: int, latent_channels: int | None) -> AutoencoderKL:
-    """A user's pretrained `AutoencoderKL` from a local folder (`save_pretrained`'s layout), checked against
-    the images' channels and the latent channels the run asks for."""
+    """A user's pretrained `AutoencoderKL` from a local folder (`save_pretrained`'s layout, weights in
+    safetensors: a pickled .bin is refused, never unpickled), checked against the images' channels and
+    the latent channels the run asks for."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"autoencoder {path!r} is not a folder (a diffusers AutoencoderKL saved with "
-                                f"save_pretrained, with config.json and the weights)")
+                                f"save_pretrained, with config.json and the weights in safetensors)")
     try:
-        model = AutoencoderKL.from_pretrained(path, local_files_only=True)
+        model = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot load an AutoencoderKL from {path!r}: {error}") from error
     if model.config.in_channels != channels:
