@@ -155,7 +155,7 @@ def _task_specs(config: RunConfig, run_dir: str, target: TrackingTarget | None, 
 
 
 def train_parts(config: RunConfig, run_dir: str, target: TrackingTarget | None, launch: Launch,
-           experts: dict[int, str | None] | None = None, router: bool = True) -> list[dict[str, Any]]:
+                experts: dict[int, str | None] | None = None, router: bool = True) -> list[dict[str, Any]]:
     """Train `experts` (expert id: its island; default: every expert on its configured island) and,
     with `router`, the router: in this process one after the other, or as Ray tasks."""
     if experts is None:

@@ -62,6 +62,7 @@ def two_node_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """Start a head on island "a" and a worker on island "b"; stop exactly those at exit."""
     env = _auth_env()
     logs = (tmp_path / "head.log", tmp_path / "worker.log")
+    tmp_path.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         head, (address, dashboard_url), worker_ports = _start_head(stack, "a", logs[0], env, extra_ports=2)
         worker_args = ["--address", address, *_agent_ports(*worker_ports)]

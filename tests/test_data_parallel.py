@@ -8,15 +8,10 @@ a worker killed with SIGKILL restarts the workers from the latest checkpoint.
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import mlflow
-import psutil
 import pytest
 import torch
 from pydantic import ValidationError
@@ -28,6 +23,7 @@ from archipelago.platform.config import RunConfig
 from archipelago.platform.runner import Launch
 from archipelago.platform.tasks import TrackingTarget
 from tests.data_parallel_ranks import train_ranks, train_regression
+from tests.test_fault_tolerance import kill_expert_after_first_checkpoint
 
 # --- DDP without Ray ------------------------------------------------------------------------------
 
@@ -96,27 +92,6 @@ def test_an_expert_on_two_workers_trains_records_itself_and_resumes(ray_local, t
     assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "loss")) == [2, 4, 6]
 
 
-def kill_a_worker_after(latest: Path, found: dict[str, Any], timeout_s: float = 300.0) -> None:
-    """Wait for `latest`, then SIGKILL one Ray Train worker (titled `ray::RayTrainWorker`) among this
-    process's descendants, so no other Ray instance on the machine is touched."""
-    deadline = time.monotonic() + timeout_s
-    while not latest.exists():
-        if time.monotonic() > deadline:
-            found["error"] = f"{latest} never appeared"
-            return
-        time.sleep(0.02)
-    for process in psutil.Process().children(recursive=True):
-        try:
-            if process.cmdline()[:1] == ["ray::RayTrainWorker"]:
-                found["checkpoint"] = latest.read_text().strip()
-                os.kill(process.pid, signal.SIGKILL)
-                found["pid"] = process.pid
-                return
-        except (psutil.Error, OSError):
-            continue
-    found["error"] = f"no Ray Train worker running once {latest} appeared"
-
-
 def test_a_killed_worker_restarts_the_workers_from_the_latest_checkpoint(ray_local, tmp_path):
     steps_, every = 200, 5
     config = run_config(steps_, expert={"steps": steps_, "batch_size": 16, "warmup_steps": 1, "progress": False,
@@ -124,7 +99,8 @@ def test_a_killed_worker_restarts_the_workers_from_the_latest_checkpoint(ray_loc
     launch, found = Launch(track=False), {}
     run_dir = runner.prepare(config, tmp_path / "run", launch)
     latest = Path(steps.expert_dir(run_dir, 0), "LATEST")
-    watcher = threading.Thread(target=kill_a_worker_after, args=(latest, found), daemon=True)
+    watcher = threading.Thread(target=kill_expert_after_first_checkpoint, args=(latest, "RayTrainWorker", found),
+                               daemon=True)
     watcher.start()
     [report] = runner.train_parts(config, run_dir, None, launch, experts={0: None}, router=False)
     watcher.join(timeout=5)

@@ -22,16 +22,10 @@ from archipelago.platform.config import RunConfig
 from archipelago.platform.runner import Launch
 from archipelago.platform.status import run_status
 from archipelago.platform.tracking import PARENT_TAG
+from tests.test_cli import SETTINGS as CLI_SETTINGS
+from tests.test_cli import TINY
 
-TINY = {"steps": 4, "batch_size": 16, "warmup_steps": 1, "progress": False}
-SETTINGS = {
-    "data": "sines:200",
-    "experts": 2,
-    "domain_config": {"window": 8, "width": 16, "depth": 1, "heads": 2, "router_width": 16, "router_depth": 1},
-    "expert": TINY,
-    "router": TINY,
-    "placement": [{"island": "a"}, {"island": "b"}],
-}
+SETTINGS = {**CLI_SETTINGS, "placement": [{"island": "a"}, {"island": "b"}]}
 HERE = Launch(ray=False, track=False)
 
 
