@@ -12,17 +12,17 @@ import json
 from typing import Any
 
 from archipelago.experts import storage
-from archipelago.experts.checkpoint import latest_checkpoint
-from archipelago.experts.lease import holder
+from archipelago.experts.lease import Holder, holder
 from archipelago.platform import distill, manifest, steps, versions
 from archipelago.platform.config import RunConfig
 
 
-def _progress(folder: str, configured: int) -> dict[str, Any]:
-    latest = latest_checkpoint(folder)
-    step = storage.read_json(storage.join(latest, "meta.json"))["step"] if latest else None
+def _progress(folder: str, configured: int, lease: Holder | None = None) -> dict[str, Any]:
+    """A training's step and state, and its writer (`lease`: its lease, when the caller read it already)."""
+    step = steps.latest_step(folder)
     state = "not started" if step is None else "done" if step >= configured else "in progress"
-    return {"step": step, "steps": configured, "state": state, "writer": _writer(folder)}
+    lease = lease or holder(folder)
+    return {"step": step, "steps": configured, "state": state, "writer": lease.describe() if lease else None}
 
 
 def _expert(run_dir: str, config: RunConfig, summary: dict[str, Any], k: int, record: dict[str, Any] | None
@@ -30,8 +30,9 @@ def _expert(run_dir: str, config: RunConfig, summary: dict[str, Any], k: int, re
     """Expert k's progress, with its island and state from the manifest reconciled with its
     checkpoints and lease (`manifest.reconcile`); a failed expert's error."""
     folder = steps.expert_dir(run_dir, k)
-    progress = _progress(folder, steps.steps_of(summary, config, k))
-    state = manifest.reconcile(record, progress["step"], progress["steps"], holder(folder))
+    lease = holder(folder)
+    progress = _progress(folder, steps.steps_of(summary, config, k), lease)
+    state = manifest.reconcile(record, progress["step"], progress["steps"], lease)
     record = record or {}
     return {"expert": k, "island": record.get("island") or config.placement_of(k).island, **progress,
             "state": state, "error": record.get("error") if state == "failed" else None}

@@ -445,7 +445,7 @@ def train_expert_step(run_dir: str, k: int, on_log: OnLog | None = None, progres
     with contextlib.ExitStack() as held:
         if writer:
             held.enter_context(Lease(expert_dir(run_dir, k), f"training expert {k}", wait))
-            if _checkpoint_step(expert_dir(run_dir, k)) < train.steps:  # a finished expert's record stays as is
+            if (latest_step(expert_dir(run_dir, k)) or 0) < train.steps:  # a finished expert's record stays as is
                 held.enter_context(manifest.training(run_dir, k, island))
         result = train_expert(expert, domain, expert_samples(run_dir, k, domain), expert_dir(run_dir, k), on_log,
                               summary["statistics"][k], progress_bar, new_data=k in summary.get("grown", []))
@@ -454,10 +454,10 @@ def train_expert_step(run_dir: str, k: int, on_log: OnLog | None = None, progres
         return result
 
 
-def _checkpoint_step(folder: str) -> int:
-    """The step of the latest complete checkpoint in `folder` (0 without one)."""
+def latest_step(folder: str) -> int | None:
+    """The step of the latest complete checkpoint in `folder` (None without one)."""
     latest = latest_checkpoint(folder)
-    return storage.read_json(storage.join(latest, "meta.json"))["step"] if latest else 0
+    return storage.read_json(storage.join(latest, "meta.json"))["step"] if latest else None
 
 
 def train_router_step(run_dir: str, on_log: OnLog | None = None, progress_bar: ProgressBar | None = None,
