@@ -123,24 +123,37 @@ def main() -> None:
         ddm, ddm_s = fit(sources[name], runs / f"ddm-{args.experts}", args.experts, total // args.experts, args)
         real = table_to_windows(mono.records()).astype(np.float64)
         entry = {"windows": len(real), "train_s": {"monolith": mono_s, "ddm": ddm_s},
-                 "router_calibration": ddm.router_diagnostics().to_dict(orient="records"),
-                 "monolith": score(mono, real, "monolith", {"strategy": "top1"}, args, ddm),
-                 "ddm": [score(ddm, real, label, VARIANTS[label], args, ddm) for label in args.variants]}
+                 "router_calibration": ddm.router_diagnostics().to_dict(orient="records"), "ddm": []}
         results["datasets"][f"{name}@{total}" if args.budgets else name] = entry
         print(f"\n{name}, {total} total steps: {len(real)} windows; train {mono_s:.0f} s (monolith) / {ddm_s:.0f} s "
               f"(DDM){' since the last budget' if args.budgets else ''}")
-        print("router: " + ", ".join(f"t={r['t']:.2f} acc {r['accuracy']:.2f} ece {r['ece']:.3f}"
-                                     for r in entry["router_calibration"]))
+        print_calibration("router", entry["router_calibration"])
         print("| model | expert + router calls / sample | sampling time / monolith's | coverage TV | "
               + " | ".join(args.metrics) + " |")
         print("|---" * (len(args.metrics) + 4) + "|")
-        mono_sample_s = entry["monolith"]["sample_s"]
-        print(row("monolith", entry["monolith"], args.metrics, mono_sample_s))
-        for result in entry["ddm"]:
-            print(row(f"DDM K={args.experts}, {result['strategy']}", result, args.metrics, mono_sample_s))
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2))
+        entry["monolith"] = score(mono, real, "monolith", {"strategy": "top1"}, args, ddm)
+        print(row("monolith", entry["monolith"], args.metrics, entry["monolith"]["sample_s"]), flush=True)
+        for label in args.variants:  # each row printed and saved as it is done: a long run keeps what it measured
+            entry["ddm"].append(score(ddm, real, label, VARIANTS[label], args, ddm))
+            print(row(f"DDM K={args.experts}, {label}", entry["ddm"][-1], args.metrics, entry["monolith"]["sample_s"]),
+                  flush=True)
+            save(results, args.out)
+        draws = [VARIANTS[label].get("likelihood_draws") for label in args.variants]
+        if any(draws):  # the likelihood router's accuracy along t (fewer records than the router's: its cost)
+            entry["likelihood_calibration"] = ddm.router_diagnostics(
+                records=512, likelihood_draws=next(d for d in draws if d)).to_dict(orient="records")
+            print_calibration("likelihood router", entry["likelihood_calibration"])
+        save(results, args.out)
 
+
+def print_calibration(name: str, rows: list[dict]) -> None:
+    print(f"{name}: " + ", ".join(f"t={r['t']:.2f} acc {r['accuracy']:.2f} ece {r['ece']:.3f}" for r in rows),
+          flush=True)
+
+
+def save(results: dict, out: str | None) -> None:
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2))
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ evaluation, progress read from storage, and submission to a Ray cluster.
     archipelago fit run.yaml                          # Ray embedded, MLflow in ./mlflow.db
     archipelago fit run.yaml --address 10.0.0.1:6379 --tracking-uri http://mlflow:5000
     archipelago status --run-dir runs/sines           # while a fit runs anywhere
-    archipelago sample --run-dir runs/sines -n 1000 --strategy top1 --out samples.npy
+    archipelago sample --run-dir runs/sines -n 1000 --strategy sample --out samples.npy
     archipelago evaluate --run-dir runs/sines --samples samples.npy --metrics correlational
     archipelago submit run.yaml --address http://10.0.0.1:8265 --wait
     archipelago submit run.yaml --island a --address http://island-a:8265   # islands as separate clusters,

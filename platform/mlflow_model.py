@@ -5,7 +5,7 @@ of the run directory's sampling files as the artifact "run". MLflow runs this fi
 is loaded; `load_context` rebuilds the run from the copy, and `predict` samples:
 
     model = mlflow.pyfunc.load_model("models:/stocks/1")
-    windows = model.predict({"n": 16, "strategy": "top1"})      # numpy array, e.g. [16, L, C]
+    windows = model.predict({"n": 16, "strategy": "sample"})      # numpy array, e.g. [16, L, C]
 
 The request is a dict (or a one-row pandas DataFrame) of SampleRequest fields, `n` required, e.g.
 {"n": 16, "conditions": {"family": "cycle"}, "guidance": 2.0}.
@@ -31,7 +31,7 @@ def parse_request(model_input: Any, params: Mapping[str, Any] | None = None) -> 
     """The SampleRequest of one request (its defaults fill the rest); errors name the bad key or value."""
     request = _as_dict(model_input) | dict(params or {})
     if "n" not in request:
-        raise ValueError("the request needs n, the number of samples, e.g. {'n': 16, 'strategy': 'top1'}")
+        raise ValueError("the request needs n, the number of samples, e.g. {'n': 16, 'strategy': 'sample'}")
     try:
         return SampleRequest(**request)
     except pydantic.ValidationError as error:

@@ -345,7 +345,7 @@ def log_ensemble_model(uri: str, parent_id: str, run_dir: str, registered_name: 
     The model's artifacts are a copy of just what sampling reads (see `copy_for_sampling`); with
     `registered_name` it is also registered. Returns `models:/<name>/<version>` when registered,
     else the logged model's URI (`models:/<model id>`). Load it with `mlflow.pyfunc.load_model`
-    and call `predict({"n": 16, "strategy": "top1"})`.
+    and call `predict({"n": 16, "strategy": "sample"})`.
     """
     client = mlflow.MlflowClient(uri)
     parent = client.get_run(parent_id)

@@ -41,8 +41,8 @@ class SampleRequest(BaseModel):
     model: Literal["ensemble", "student", "dense"] = Field(
         "ensemble", description="what samples: the ensemble, its few-step (reflow) student or its dense student "
                                 "(students after `archipelago distill`)")
-    strategy: Strategy = Field(Strategy.TOP1, description="routing: full, topk, top1, sample, oracle, stochastic, "
-                                                          "switch")
+    strategy: Strategy = Field(Strategy.SAMPLE, description="routing: sample (the default: one expert per "
+                            "trajectory, drawn from the router at t = 1), full, topk, top1, oracle, stochastic, switch")
     solver: str = Field("heun", description="ODE solver: euler, heun, rk4")
     steps: int = Field(50, ge=1, description="solver steps from t = 1 to t = 0")
     seed: int = Field(0, description="seeds the priors, the assignment and discrete steps")

@@ -286,7 +286,7 @@ def test_sample_in_a_fresh_process_writes_windows(fitted, tmp_path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert np.load(out).shape == (6, 8, 5)
-    assert "evaluations per sample: 3 expert, 3 router" in done.stdout
+    assert "evaluations per sample: 3 expert, 1 router" in done.stdout  # the default, sample: the router once
 
 
 def test_sample_as_a_long_table(fitted, tmp_path, capsys) -> None:

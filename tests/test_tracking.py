@@ -177,7 +177,7 @@ def test_a_request_gets_defaults_and_may_be_a_one_row_frame():
 
     expected = SampleRequest(n=3)
     assert parse_request({"n": 3}) == expected
-    assert parse_request(pd.DataFrame([{"n": 3, "strategy": "top1"}])) == expected
+    assert parse_request(pd.DataFrame([{"n": 3, "strategy": "sample"}])) == expected
     assert parse_request({"n": np.int64(3)}, params={"guidance": 2}) == SampleRequest(n=3, guidance=2.0)
 
 

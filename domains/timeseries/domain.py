@@ -30,6 +30,7 @@ from archipelago.domains.timeseries.networks import (
     TimeSeriesDenoiser,
     TimeSeriesRouterNet,
 )
+from archipelago.domains.timeseries.paths import FourierGaussianPath
 from archipelago.experts.batch import Batch, Fields, FieldSpec
 from archipelago.experts.data import DenseSamples
 from archipelago.experts.domain import Domain
@@ -55,6 +56,7 @@ class TimeSeriesConfig(BaseModel):
     heads: int = Field(4, ge=1)  # attention heads (denoiser and router)
     router_width: int = Field(48, ge=4)  # router token width
     router_depth: int = Field(2, ge=1)  # router transformer blocks
+    fourier_weight: float = Field(0.0, ge=0)  # Diffusion-TS's Fourier-domain loss term (0: off; paths.py)
     scaler: dict[str, list] | None = None  # fitted MinMaxScaler (set by ingest)
 
 
@@ -79,7 +81,8 @@ class TimeSeriesDomain(Domain):
 
     @property
     def fields(self) -> Fields:
-        return {"x": FieldSpec(GaussianPath())}
+        path = FourierGaussianPath(self.config.fourier_weight) if self.config.fourier_weight else GaussianPath()
+        return {"x": FieldSpec(path)}
 
     def ingest(self, source: Any, fit: bool = True) -> pa.Table:
         """Read, scale and window a user's series. fit=True fits the scaler on this data and keeps it
