@@ -155,5 +155,6 @@ def save(results: dict, out: str | None) -> None:
     if out:
         Path(out).write_text(json.dumps(results, indent=2))
 
+
 if __name__ == "__main__":
     main()
