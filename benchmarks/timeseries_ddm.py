@@ -138,10 +138,11 @@ def main() -> None:
             print(row(f"DDM K={args.experts}, {label}", entry["ddm"][-1], args.metrics, entry["monolith"]["sample_s"]),
                   flush=True)
             save(results, args.out)
-        draws = [VARIANTS[label].get("likelihood_draws") for label in args.variants]
-        if any(draws):  # the likelihood router's accuracy along t (fewer records than the router's: its cost)
-            entry["likelihood_calibration"] = ddm.router_diagnostics(
-                records=512, likelihood_draws=next(d for d in draws if d)).to_dict(orient="records")
+        draws = next((VARIANTS[label]["likelihood_draws"] for label in args.variants
+                      if "likelihood_draws" in VARIANTS[label]), None)
+        if draws:  # the likelihood router's accuracy along t (fewer records than the router's: its cost)
+            entry["likelihood_calibration"] = ddm.router_diagnostics(records=512, likelihood_draws=draws).to_dict(
+                orient="records")
             print_calibration("likelihood router", entry["likelihood_calibration"])
         save(results, args.out)
 

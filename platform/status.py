@@ -17,12 +17,15 @@ from archipelago.platform import distill, manifest, steps, versions
 from archipelago.platform.config import RunConfig
 
 
-def _progress(folder: str, configured: int, lease: Holder | None = None) -> dict[str, Any]:
-    """A training's step and state, and its writer (`lease`: its lease, when the caller read it already)."""
+def _progress(folder: str, configured: int, lease: Holder | None) -> dict[str, Any]:
+    """A training's step and state, and its writer (`lease`: the folder's lease as read by the caller)."""
     step = steps.latest_step(folder)
     state = "not started" if step is None else "done" if step >= configured else "in progress"
-    lease = lease or holder(folder)
     return {"step": step, "steps": configured, "state": state, "writer": lease.describe() if lease else None}
+
+
+def _router_progress(folder: str, configured: int) -> dict[str, Any]:
+    return _progress(folder, configured, holder(folder))
 
 
 def _expert(run_dir: str, config: RunConfig, summary: dict[str, Any], k: int, record: dict[str, Any] | None
@@ -55,7 +58,7 @@ def run_status(run_dir: str) -> dict[str, Any]:
         "domain": config.domain,
         "partition_sizes": summary["sizes"] if partitioned else None,
         "experts": [_expert(run_dir, config, summary, k, records.get(k)) for k in steps.ids_of(summary)],
-        "router": _progress(steps.router_dir(run_dir, steps.generation_of(summary)), config.router.steps),
+        "router": _router_progress(steps.router_dir(run_dir, steps.generation_of(summary)), config.router.steps),
         "versions": [{key: v.get(key) for key in ("version", "expert_ids", "change", "at", "withdrawn")}
                      for v in versions.history(run_dir)],
         "assembled": storage.exists(storage.join(run_dir, steps.ENSEMBLE_FILE)),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from archipelago.experts.paths import GaussianPath, PathSample, _free_mse
+from archipelago.experts.paths import GaussianPath, PathSample
 
 TIME_AXIS = 1  # windows are [B, L, C]
 
@@ -44,4 +44,4 @@ class FourierGaussianPath(GaussianPath):
         residual = output - sample.target
         if sample.free is not None:  # given entries are not the network's to predict
             residual = residual * sample.free.expand_as(residual)
-        return _free_mse(output, sample) + self.fourier_weight * fourier_l1(residual)
+        return super().loss(output, sample) + self.fourier_weight * fourier_l1(residual)
