@@ -1,17 +1,18 @@
 """Benchmark: an ensemble against its distilled students (dense, and few-step by reflow): time series, graphs.
 
-Distils a fitted K-expert run (a copy of it, so the source stays as it was) and scores the
-ensemble's strategy at 20 Heun steps, the dense student at the same solver, and the reflow
-student at 1, 2 and 4 Euler steps with the metrics of ANCHORS.md (3 repeats: of the metric for
-time series, of the samples' seed for graphs, whose metrics are deterministic), network calls per
-sample and sampling wall time as a ratio to the ensemble's in the same run; the pairs come from the
-full mixture (a deterministic coupling) unless told otherwise. The distillation's
-compute is reported as a share of the experts' training compute, counted in network passes over
-one sample (a training step costs about 3 passes per sample: forward and backward; the router is
-counted as one expert pass, which overstates it).
+Distils a fitted K-expert run (copies of it, so the source stays as it was) and scores the
+ensemble's strategies at 20 Heun steps, the dense student at the same solver, and the reflow
+student at 1, 2 and 4 Euler steps with the metrics of ANCHORS.md, network calls per sample and
+sampling wall time as a ratio to the first strategy's in the same repeat. Each repeat is a whole
+distillation with its own seed (students' weights and batches, and the pairs), its own sample seed
+and its own metric seed; rows give the mean and 95% interval over the repeats. The pairs come
+from the full mixture (a deterministic coupling; discrete fields by their reveal noise) unless
+told otherwise. The distillation's compute is reported as a share of the experts' training
+compute, counted in network passes over one sample (a training step costs about 3 passes per
+sample: forward and backward; the router is counted as one expert pass, which overstates it).
 
-    python benchmarks/distill_ddm.py --run-dir runs/benchmarks/stocks-4000/ddm-4 --out distill.json
-    python benchmarks/distill_ddm.py --run-dir runs/benchmarks/graphs-community-small-4000/ddm-4 \
+    python benchmarks/distill_ddm.py --run-dir runs/sines4k/sines-4000/ddm-4 --out distill.json
+    python benchmarks/distill_ddm.py --run-dir runs/graphs/community-small-4000/ddm-4 \
         --real community-small:test --samples 100 --sampler-steps 100
 
 Graphs are scored against `--real` (novelty against the run's own records); their masked path is
@@ -46,16 +47,17 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True, help="a fitted, assembled K-expert run")
     parser.add_argument("--work", default=None, help="where the distilled copy goes (default: <run-dir>-distilled)")
-    parser.add_argument("--strategies", nargs="+", default=["stochastic", "full"],
+    parser.add_argument("--strategies", nargs="+", default=["sample", "full"],
                         help="the ensemble's rows at 20 Heun steps (the first is the time ratios' baseline)")
     parser.add_argument("--teacher-strategy", default="full",
                         help="the pairs' strategy (full: a deterministic coupling, the dense student's mixture)")
-    parser.add_argument("--dense-steps", type=int, default=2000)
-    parser.add_argument("--reflow-steps", type=int, default=2000)
-    parser.add_argument("--pairs", type=int, default=4096)
+    parser.add_argument("--dense-steps", type=int, default=1000)
+    parser.add_argument("--reflow-steps", type=int, default=1000)
+    parser.add_argument("--pairs", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one repeat per seed: a distillation, a sample set and a metric run of its own")
     parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=list(METRICS))
     parser.add_argument("--real", default=None, help="graphs: the reference set, a source the domain reads")
     parser.add_argument("--sampler-steps", type=int, default=20, help="the ensemble's and dense student's steps")
@@ -63,8 +65,8 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def distil(args: argparse.Namespace, solver: dict) -> tuple[sdk.Run, float]:
-    work = Path(args.work or f"{args.run_dir.rstrip('/')}-distilled")
+def distil(args: argparse.Namespace, solver: dict, seed: int) -> tuple[sdk.Run, float]:
+    work = Path(args.work or f"{args.run_dir.rstrip('/')}-distilled") / f"seed-{seed}"
     if not work.exists():
         shutil.copytree(args.run_dir, work, ignore=shutil.ignore_patterns("students"))
     train = {"batch_size": args.batch_size, "lr": 1e-3, "warmup_steps": 200, "checkpoint_every": 1000,
@@ -72,7 +74,7 @@ def distil(args: argparse.Namespace, solver: dict) -> tuple[sdk.Run, float]:
     start = time.perf_counter()
     run = sdk.load(str(work)).distill(dense={**train, "steps": args.dense_steps},
                                       reflow={**train, "steps": args.reflow_steps}, pairs=args.pairs,
-                                      teacher={"strategy": args.teacher_strategy, **solver})
+                                      teacher={"strategy": args.teacher_strategy, **solver}, seed=seed)
     return run, time.perf_counter() - start
 
 
@@ -87,31 +89,32 @@ def compute_share(run: sdk.Run, args: argparse.Namespace, teacher_calls: float) 
             "share": (dense + pairs + reflow) / experts}
 
 
-def score(run: sdk.Run, real: Any, label: str, settings: dict, args: argparse.Namespace) -> dict:
-    if run.domain.name == "graphs":
-        return score_graphs(run, real, label, settings, args)
+def score(run: sdk.Run, real: Any, label: str, settings: dict, args: argparse.Namespace, repeat: int) -> dict:
+    """One repeat of one row: a sample set (seed 1 + repeat) and its metrics (metric seed `repeat`)."""
     start = time.perf_counter()
-    out = run.sample(args.samples, seed=1, **settings)
+    out = run.sample(args.samples, seed=1 + repeat, **settings)
     sample_s = time.perf_counter() - start
-    fake = run.domain.scaled(out.batch)
-    scores = {name: s.__dict__ for name, s in run.domain.evaluate_windows(
-        real, fake, metrics=args.metrics, repeats=args.repeats, progress=False).items()}
+    if run.domain.name == "graphs":
+        values = {**graph_metrics.mmds(real["test"], graph_metrics.describe(out.items)),
+                  **graph_metrics.sample_metrics(out.items, real["train"], run.domain.config.validity)}
+    else:
+        scores = run.domain.evaluate_windows(real, run.domain.scaled(out.batch), metrics=args.metrics, repeats=1,
+                                             seed=repeat, progress=False)
+        values = {name: s.mean for name, s in scores.items()}
     return {"model": label, "settings": settings, "calls": out.expert_calls_per_sample + out.router_calls_per_sample,
-            "sample_s": sample_s, "scores": scores}
+            "sample_s": sample_s, "values": values}
 
 
-def score_graphs(run: sdk.Run, real: dict, label: str, settings: dict, args: argparse.Namespace) -> dict:
-    """Graph metrics of `repeats` sample sets (seeds 1, 2, ...): mean and 95% interval of each."""
-    rows, seconds = [], 0.0
-    for repeat in range(args.repeats):
-        start = time.perf_counter()
-        out = run.sample(args.samples, seed=1 + repeat, **settings)
-        seconds += time.perf_counter() - start
-        rows.append({**graph_metrics.mmds(real["test"], graph_metrics.describe(out.items)),
-                     **graph_metrics.sample_metrics(out.items, real["train"], run.domain.config.validity)})
-    scores = {key: Score.of([r[key] for r in rows]).__dict__ for key in rows[0]}
-    return {"model": label, "settings": settings, "calls": out.expert_calls_per_sample + out.router_calls_per_sample,
-            "sample_s": seconds / args.repeats, "scores": scores}
+def combine(repeats: list[list[dict]]) -> list[dict]:
+    """Rows over the repeats: mean calls, mean time ratio to the repeat's first row, and every
+    metric's mean and 95% interval."""
+    rows = []
+    for same in zip(*repeats, strict=True):
+        ratios = [r["sample_s"] / first[0]["sample_s"] for r, first in zip(same, repeats, strict=True)]
+        rows.append({"model": same[0]["model"], "settings": same[0]["settings"],
+                     "calls": float(np.mean([r["calls"] for r in same])), "time_ratio": float(np.mean(ratios)),
+                     "scores": {m: Score.of([r["values"][m] for r in same]).__dict__ for m in same[0]["values"]}})
+    return rows
 
 
 def reference(run: sdk.Run, args: argparse.Namespace) -> Any:
@@ -125,32 +128,46 @@ def reference(run: sdk.Run, args: argparse.Namespace) -> Any:
     return {"test": graph_metrics.describe(test), "train": table_to_graphs(run.records())}  # test described once
 
 
+def repeat(args: argparse.Namespace, solver: dict, i: int, seed: int) -> tuple[list[dict], float, float]:
+    """One repeat: distil with `seed`, then every row; its rows, the distillation's seconds and the
+    teacher's calls per sample."""
+    run, distill_s = distil(args, solver, seed)
+    real = reference(run, args)
+    rows = [score(run, real, f"ensemble, {strategy}", {"strategy": strategy, **solver}, args, i)
+            for strategy in args.strategies]
+    teacher_calls = next((r["calls"] for r in rows if r["settings"]["strategy"] == args.teacher_strategy), None)
+    if teacher_calls is None:
+        teacher_calls = score(run, real, "teacher", {"strategy": args.teacher_strategy, **solver}, args, i)["calls"]
+    rows.append(score(run, real, "dense student", {"model": "dense", **solver}, args, i))
+    rows += [score(run, real, f"reflow student, {n} Euler step{'s' * (n > 1)}",
+                   {"model": "student", "solver": "euler", "steps": n}, args, i) for n in (1, 2, 4)]
+    print(f"repeat {i} (seed {seed}): distillation {distill_s:.0f} s", flush=True)
+    return rows, distill_s, teacher_calls
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     graphs = sdk.load(args.run_dir).domain.name == "graphs"  # a masked path: Euler steps
     solver = {"solver": "euler" if graphs else "heun", "steps": args.sampler_steps}
-    run, distill_s = distil(args, solver)
-    real = reference(run, args)
-    rows = [score(run, real, f"ensemble, {strategy}", {"strategy": strategy, **solver}, args)
-            for strategy in args.strategies]
-    teacher_calls = next((r["calls"] for r in rows if r["settings"]["strategy"] == args.teacher_strategy), None)
-    if teacher_calls is None:
-        teacher_calls = score(run, real, "teacher", {"strategy": args.teacher_strategy, **solver}, args)["calls"]
-    rows.append(score(run, real, "dense student", {"model": "dense", **solver}, args))
-    rows += [score(run, real, f"reflow student, {n} Euler step{'s' * (n > 1)}",
-                   {"model": "student", "solver": "euler", "steps": n}, args) for n in (1, 2, 4)]
+    repeats, seconds, teacher_calls = [], [], 0.0
+    for i, seed in enumerate(args.seeds):
+        rows, distill_s, teacher_calls = repeat(args, solver, i, seed)
+        repeats.append(rows)
+        seconds.append(distill_s)
+    rows = combine(repeats)
+    run = sdk.load(args.run_dir)
     share = compute_share(run, args, teacher_calls)
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-                          f"{torch.__version__}", "args": vars(args), "distill_s": distill_s, "compute": share,
-               "rows": rows}
-    print(f"distillation: {distill_s:.0f} s; compute {share['share']:.2f} of the experts' training")
-    print("| model | calls / sample | time / ensemble's | " + " | ".join(args.metrics) + " |")
-    print("|---" * (len(args.metrics) + 3) + "|")
+                          f"{torch.__version__}", "args": vars(args), "distill_s": seconds, "compute": share,
+               "rows": rows, "repeats": repeats}
+    metrics = list(rows[0]["scores"])
+    print(f"distillation: {np.mean(seconds):.0f} s a repeat; compute {share['share']:.2f} of the experts' training")
+    print("| model | calls / sample | time / ensemble's | " + " | ".join(metrics) + " |")
+    print("|---" * (len(metrics) + 3) + "|")
     for row in rows:
-        cells = [f"{row['scores'][m]['mean']:.4f} ± {row['scores'][m]['interval']:.4f}" for m in args.metrics]
-        print(f"| {row['model']} | {row['calls']:.0f} | {row['sample_s'] / rows[0]['sample_s']:.2f} | "
-              + " | ".join(cells) + " |")
+        cells = [f"{row['scores'][m]['mean']:.4f} ± {row['scores'][m]['interval']:.4f}" for m in metrics]
+        print(f"| {row['model']} | {row['calls']:.0f} | {row['time_ratio']:.2f} | " + " | ".join(cells) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

@@ -31,6 +31,7 @@ from archipelago.experts.paths import ProbabilityPath
 Batch = dict[str, Tensor]
 GIVEN_SUFFIX = ":given"  # "<field>:given" is the mask of a field's entries given by the user
 NOISE_SUFFIX = ":noise"  # "<field>:noise" is a field's paired noise end x_1 (reflow's pairs)
+REVEAL_SUFFIX = ":reveal"  # "<field>:reveal" is a discrete field's reveal noise (see MaskedPath.reveal_noise)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ def noise_key(name: str) -> str:
     return f"{name}{NOISE_SUFFIX}"
 
 
+def reveal_key(name: str) -> str:
+    """The batch key of field `name`'s reveal noise (laid out like the field, one more trailing dim)."""
+    return f"{name}{REVEAL_SUFFIX}"
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where the tensors of a batch live (see the module docstring)."""
@@ -75,7 +81,9 @@ class Layout:
 
     def level_of(self, name: str) -> str | None:
         """The index tensor of the level a tensor lives on (None: per sample)."""
-        return self.rows.get(name.removesuffix(GIVEN_SUFFIX).removesuffix(NOISE_SUFFIX))
+        for suffix in (GIVEN_SUFFIX, NOISE_SUFFIX, REVEAL_SUFFIX):
+            name = name.removesuffix(suffix)
+        return self.rows.get(name)
 
 
 def as_layout(spec: Layout | Fields) -> Layout:

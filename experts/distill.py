@@ -17,11 +17,19 @@ loss is the experts' own flow matching on the same network and solvers. Consiste
 queries the whole ensemble at every training step and needs a target network; it would be another
 loss over the same pairs or data here.
 
-Discrete fields: the masked path's noise end is a point mass (every entry masked), so a pair tells
-nothing about them. Reflow trains their posterior on the ensemble's samples, so the student learns
-the ensemble's distribution of them, and a few-step sampler reveals many entries per step, each
-drawn independently from its posterior: the correlations between entries revealed in the same step
-are what few steps cost there (more steps for discrete fields buy them back).
+Discrete fields: the masked path's x_1 is a point mass (every entry masked), and its sampler draws
+as it goes: which entries a step reveals, and their classes from the posterior, each entry
+independently of the others revealed in the same step. A student trained on posteriors alone
+(the dense student, or multi-step matching) therefore loses the correlations between entries
+revealed together, and in 1 to 4 steps almost all are (on graphs, the community structure). Our
+treatment makes the discrete sampler deterministic too, as reflow's pairs need: the teacher's pairs
+are sampled with every entry's randomness drawn up front, a reveal time tau and a uniform u (the
+same law: see `MaskedPath`), and that reveal noise is the discrete fields' noise end of the pair. The
+student reads it (`RevealEmbedding` in its network) and learns the map from it to the teacher's
+sample, joint structure included, by cross-entropy on x_t masked where tau < t; its own few-step
+sampler reveals by the same noise. What it costs: two numbers per entry in the pairs and as the
+student's input, and a network that can read them (the graph and crystal denoisers can; a domain's
+denoiser without one learns no correlations from the noise).
 
 No Ray and no MLflow here; the platform schedules the pairs and the trainings.
 """
@@ -33,7 +41,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from archipelago.experts.batch import NOISE_SUFFIX, Batch, Fields, noise_key, per_row
+from archipelago.experts.batch import NOISE_SUFFIX, Batch, Fields, noise_key, per_row, reveal_key
 from archipelago.experts.conditions import drop_conditions
 from archipelago.experts.conventions import Prediction
 from archipelago.experts.data import Samples
@@ -80,15 +88,19 @@ def distillation_loss(net: nn.Module, teacher: Teacher, fields: Fields, batch: B
 
 
 def pairs_batch(samples: Batch, noise: Batch, fields: Fields) -> Batch:
-    """One batch of (noise, sample) pairs: the sample's tensors with each field's noise under `noise_key`."""
-    return {**samples, **{noise_key(name): noise[name] for name in fields}}
+    """One batch of (noise, sample) pairs: the sample's tensors with each field's noise end under
+    `noise_key`: its x_1, or a discrete field's reveal noise (its x_1, every entry masked, says nothing)."""
+    return {**samples, **{noise_key(name): noise[reveal_key(name) if spec.path.stochastic_steps else name]
+                          for name, spec in fields.items()}}
 
 
 def reflow_loss(net: nn.Module, fields: Fields, pairs: Batch, generator: torch.Generator,
                 prediction: Prediction = Prediction.VELOCITY, given: Mapping[str, Tensor] | None = None) -> Tensor:
-    """Flow matching on (noise, sample) pairs: x_t on the path between each pair's ends."""
+    """Flow matching on (noise, sample) pairs: x_t on the path between each pair's ends. A discrete
+    field's x_t is masked where its reveal time is below t, and the student reads the reveal noise."""
     batch = {name: value for name, value in pairs.items() if not name.endswith(NOISE_SUFFIX)}
     noise = {name: pairs[noise_key(name)] for name in fields}
+    batch.update({reveal_key(name): noise[name] for name, spec in fields.items() if spec.path.stochastic_steps})
     return denoising_loss(net, fields, batch, generator, prediction, given, noise=noise)
 
 

@@ -3,6 +3,8 @@
 `TimestepEmbedder`: sinusoidal features of t in [0, 1] (the transformer's positional encoding,
 Vaswani et al. 2017, as DiT embeds diffusion steps) followed by an MLP.
 `ConditionEmbedding`: per-sample conditions (classes, properties, null included) as one vector.
+`RevealEmbedding`: a masked entry's reveal noise (tau, u), the input of a few-step student of a
+discrete field (see `MaskedPath` and `archipelago.experts.distill`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from archipelago.experts.batch import reveal_key
 from archipelago.experts.conditions import Condition
 
 
@@ -58,3 +61,28 @@ class ConditionEmbedding(nn.Module):
                 value = value.float()
                 out = out + embed(torch.stack([value.nan_to_num(0.0), (~value.isnan()).float()], -1))
         return out
+
+
+class RevealEmbedding(nn.Module):
+    """Per entry of a discrete field, its reveal noise (tau, u) as a vector [R, D] while the entry
+    is masked, zero once revealed or when the batch carries no reveal noise (the sampler is not
+    coupled). Fourier features of both, since the student must place u against the posterior's CDF
+    finely. The last layer starts at zero, so a student built on another's weights starts as it."""
+
+    def __init__(self, width: int, frequencies: int = 8):
+        super().__init__()
+        self.frequencies = frequencies
+        self.mlp = nn.Sequential(nn.Linear(2 + 4 * frequencies, width), nn.SiLU(), nn.Linear(width, width))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, x_t: dict[str, Tensor], name: str, mask_token: int) -> Tensor | None:
+        """The embedding of field `name`'s masked entries [..., D], or None without reveal noise."""
+        noise = x_t.get(reveal_key(name))
+        if noise is None:
+            return None
+        k = torch.arange(1, self.frequencies + 1, device=noise.device, dtype=noise.dtype)
+        angle = 2 * math.pi * noise[..., None] * k  # [..., 2, F]
+        features = torch.cat([noise, angle.sin().flatten(-2), angle.cos().flatten(-2)], -1)
+        masked = (x_t[name] == mask_token)[..., None]
+        return self.mlp(features.to(self.mlp[0].weight.dtype)) * masked

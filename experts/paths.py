@@ -69,6 +69,7 @@ class ProbabilityPath(ABC):
     """The interface every field type implements."""
 
     predictions: tuple[Prediction, ...] = (Prediction.VELOCITY,)
+    stochastic_steps: bool = False  # its sampler's steps draw (they take `reveal_noise` for a coupled sampler)
 
     @abstractmethod
     def prior(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -93,9 +94,16 @@ class ProbabilityPath(ABC):
 
     @abstractmethod
     def step(
-        self, x_t: Tensor, mixed: Tensor, t: Tensor, t_next: Tensor, generator: torch.Generator | None
+        self, x_t: Tensor, mixed: Tensor, t: Tensor, t_next: Tensor, generator: torch.Generator | None,
+        reveal: Tensor | None = None,
     ) -> Tensor:
-        """Move x_t from t to t_next < t given the (mixed) quantity."""
+        """Move x_t from t to t_next < t given the (mixed) quantity; `reveal`: the path's reveal noise
+        (see `reveal_noise`), which makes a stochastic step deterministic."""
+
+    def reveal_noise(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
+        """The randomness the sampler's steps draw, drawn up front instead (a coupled sampler, as a
+        few-step student is trained on): None for paths whose steps draw nothing (an ODE from x_1)."""
+        return None
 
     def match_loss(self, output: Tensor, teacher: Tensor, x_t: Tensor, t: Tensor, prediction: Prediction,
                    free: Tensor | None = None) -> Tensor:
@@ -142,7 +150,7 @@ class GaussianPath(ProbabilityPath):
     def mixable(self, output, x_t, t, prediction):
         return convert(output, prediction, Prediction.VELOCITY, x_t, self.scheduler(_expand(t, x_t)))
 
-    def step(self, x_t, mixed, t, t_next, generator):
+    def step(self, x_t, mixed, t, t_next, generator, reveal=None):
         return x_t + _expand(t_next - t, x_t) * mixed
 
 
@@ -172,7 +180,7 @@ class TorusPath(ProbabilityPath):
     def mixable(self, output, x_t, t, prediction):
         return output
 
-    def step(self, x_t, mixed, t, t_next, generator):
+    def step(self, x_t, mixed, t, t_next, generator, reveal=None):
         return torch.remainder(x_t + _expand(t_next - t, x_t) * mixed, 1.0)
 
 
@@ -182,9 +190,17 @@ class MaskedPath(ProbabilityPath):
     The network outputs logits over the classes for x_0; the mixable quantity is the posterior
     p(x_0 | x_t). From t to t_next a masked entry is revealed with probability (t - t_next) / t,
     drawing its class from the posterior; revealed entries stay fixed.
+
+    The same sampler as a deterministic function of noise drawn up front (`reveal_noise`): every
+    entry has a reveal time tau ~ U(0, 1) and a uniform u; it is masked while t > tau, and revealed
+    as the class where the posterior's CDF passes u. This is the same law, since an entry masked at
+    t (tau < t) has tau >= t_next with probability (t - t_next) / t, and the inverse CDF at u is a
+    draw from the posterior. It is the discrete counterpart of an ODE's noise x_1: the coupling a
+    few-step student learns (`archipelago.experts.distill`).
     """
 
     predictions = (Prediction.X0,)
+    stochastic_steps = True
 
     def __init__(self, num_categories: int):
         if num_categories < 2:
@@ -198,10 +214,21 @@ class MaskedPath(ProbabilityPath):
     def prior(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return torch.full(like.shape, self.mask, dtype=torch.long, device=like.device)
 
+    def reveal_noise(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(tau, u) per entry, [..., 2]: reveal times and inverse-CDF draws (see the class docstring)."""
+        return torch.rand((*like.shape, 2), generator=generator, device=like.device)
+
     def sample(self, x_0, t, generator, prediction, noise=None):
-        # The prior is a point mass (every entry masked), so a given noise end carries nothing.
-        u = torch.rand(x_0.shape, generator=generator, device=x_0.device)
-        masked = u < _expand(t, x_0).to(u.dtype)
+        # The prior is a point mass (every entry masked): the noise end of a pair is its reveal
+        # noise, whose reveal times say which entries are masked at t.
+        if noise is None:
+            tau = torch.rand(x_0.shape, generator=generator, device=x_0.device)
+        elif noise.is_floating_point() and noise.shape == (*x_0.shape, 2):
+            tau = noise[..., 0]
+        else:
+            raise ValueError(f"a masked field's noise end is its reveal noise, float {(*x_0.shape, 2)}; got "
+                             f"{noise.dtype} {tuple(noise.shape)}")
+        masked = tau < _expand(t, x_0).to(tau.dtype)
         return PathSample(x_t=torch.where(masked, self.mask, x_0), target=x_0)
 
     def loss(self, output, sample):
@@ -227,10 +254,16 @@ class MaskedPath(ProbabilityPath):
         log_p = (1 - scale) * unconditional.clamp_min(1e-30).log() + scale * conditional.clamp_min(1e-30).log()
         return log_p.softmax(dim=-1)
 
-    def step(self, x_t, mixed, t, t_next, generator):
+    def step(self, x_t, mixed, t, t_next, generator, reveal=None):
+        flat = mixed.reshape(-1, self.num_categories).clamp_min(0)
+        if reveal is not None:  # the coupled sampler: revealed when t_next <= tau, at the CDF's crossing of u
+            now = (x_t == self.mask) & (reveal[..., 0] >= _expand(t_next, x_t).to(reveal.dtype))
+            cdf = flat.cumsum(-1)
+            below = cdf < reveal[..., 1].reshape(-1, 1).to(cdf.dtype) * cdf[:, -1:]
+            drawn = below.sum(-1).clamp_max(self.num_categories - 1).reshape(x_t.shape)
+            return torch.where(now, drawn, x_t)
         reveal_prob = ((t - t_next) / t.clamp_min(1e-12)).clamp(0.0, 1.0)
         u = torch.rand(x_t.shape, generator=generator, device=x_t.device)
-        reveal = (x_t == self.mask) & (u < _expand(reveal_prob, x_t).to(u.dtype))
-        flat = mixed.reshape(-1, self.num_categories).clamp_min(0)
+        now = (x_t == self.mask) & (u < _expand(reveal_prob, x_t).to(u.dtype))
         drawn = torch.multinomial(flat, 1, generator=generator).reshape(x_t.shape)
-        return torch.where(reveal, drawn, x_t)
+        return torch.where(now, drawn, x_t)

@@ -8,6 +8,9 @@ A step from t to t_next moves each field along its own path (`ProbabilityPath.st
 Runge-Kutta combinations below are taken on the mixable quantities and applied by the path
 (on Euclidean fields that is the textbook method).
 
+A coupled sampler (`draw_prior(..., coupled=True)`) carries the reveal noise of discrete fields in
+x_1, so that it is a deterministic function of x_1 as an ODE is (see `MaskedPath`).
+
 Given entries (`Given`: values fixed by the user, such as the atom types in structure prediction
 or the known part of a window) are set in x_1 and never moved: every step puts them back, and
 their masks travel in the batch under `given_key(field)` for the networks to read.
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from archipelago.experts.batch import Batch, Fields, FieldSpec, given_key, num_samples, per_row, with_fields
+from archipelago.experts.batch import Batch, Fields, FieldSpec, given_key, num_samples, per_row, reveal_key, with_fields
 from archipelago.experts.paths import GaussianPath
 
 Model = Callable[[Batch, Tensor], Mapping[str, Tensor]]
@@ -69,7 +72,8 @@ def _advance(fields: Fields, x: Batch, mixed: Mapping[str, Tensor], t: Tensor, t
              given: Mapping[str, Given] | None = None) -> Batch:
     """Move every field from t to t_next along its path; given entries stay where they are."""
     moved = {
-        name: spec.path.step(x[name], mixed[name], per_row(t, x, spec), per_row(t_next, x, spec), generator)
+        name: spec.path.step(x[name], mixed[name], per_row(t, x, spec), per_row(t_next, x, spec), generator,
+                             reveal=x.get(reveal_key(name)))
         for name, spec in sorted(fields.items())
     }
     return impose(with_fields(x, fields, moved), given)
@@ -155,11 +159,18 @@ def model_calls(solver: str, steps: int) -> int:
     return (steps - 1) * CALLS_PER_STEP[solver] + CALLS_ON_LAST_STEP[solver]
 
 
-def draw_prior(fields: Fields, template: Batch, generator: torch.Generator | None = None) -> Batch:
-    """x_1: every field drawn from its path's prior, shaped like `template` (other tensors kept)."""
+def draw_prior(fields: Fields, template: Batch, generator: torch.Generator | None = None,
+               coupled: bool = False) -> Batch:
+    """x_1: every field drawn from its path's prior, shaped like `template` (other tensors kept).
+    `coupled`: also the reveal noise of paths whose steps draw (under `reveal_key(field)`), which
+    makes the whole sampler a deterministic function of x_1."""
     x_1 = dict(template)
     for name, spec in sorted(fields.items()):
         x_1[name] = spec.path.prior(template[name], generator)
+    for name, spec in sorted(fields.items()) if coupled else ():
+        reveal = spec.path.reveal_noise(template[name], generator)
+        if reveal is not None:
+            x_1[reveal_key(name)] = reveal
     return x_1
 
 

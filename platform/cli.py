@@ -259,7 +259,7 @@ def distill(args: argparse.Namespace) -> int:
                                     dense={"steps": args.dense_steps, "progress": args.progress},
                                     reflow={"steps": args.reflow_steps, "progress": args.progress},
                                     teacher={"strategy": args.teacher_strategy, "solver": "heun",
-                                             "steps": args.teacher_steps})
+                                             "steps": args.teacher_steps}, seed=args.seed)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     if args.dry_run:
@@ -496,6 +496,7 @@ def build_parser() -> Parser:
     p.add_argument("--teacher-steps", type=positive, default=20, help="Heun steps of the pairs (default 20)")
     p.add_argument("--student", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the student's network over the run's domain settings (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the students and the pairs (default 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
 
     p = command(evaluate, "Score generated samples with the domain's metrics (mean and 95%% interval).")

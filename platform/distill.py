@@ -6,6 +6,7 @@ each part resumable like every other step:
     students/v<N>/dense/step-*/         the dense student of ensemble version N (it matches the full
                                         mixture on the run's data)
     students/v<N>/pairs/part-*.parquet  (noise, ensemble sample) pairs, one shard per task, each written whole
+                                        (discrete fields: the reveal noise of the coupled sampler)
     students/v<N>/reflow/step-*/        the few-step student (reflow on the pairs, from the dense student)
     students/students.json              the students sampled now, and their version; written last
 
@@ -27,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from archipelago.experts import storage
-from archipelago.experts.batch import Batch, concat
+from archipelago.experts.batch import Batch, concat, noise_key
 from archipelago.experts.checkpoint import ema_weights, latest_checkpoint
 from archipelago.experts.codec import load_codec
 from archipelago.experts.data import BatchSamples
@@ -56,6 +57,12 @@ class DistillConfig(BaseModel):
     pairs: int = Field(4096, ge=1)  # (noise, ensemble sample) pairs for reflow
     pairs_per_shard: int = Field(1024, ge=1)  # pairs per task and per Parquet shard
     teacher: dict[str, Any] = {"strategy": "full", "solver": "heun", "steps": 20}  # how the pairs are sampled
+    seed: int = 0  # seeds the students and the pairs (a repeat of the distillation: another seed)
+
+
+def stream_seed(run_seed: int, config: DistillConfig, *stream: Any) -> int:
+    """The seed of one stream of a distillation (seed 0 keeps the streams of those made before seeds)."""
+    return derive_seed(run_seed, *stream, *([config.seed] if config.seed else []))
 
 
 def folder(run_dir: str, version: int | None, *parts: str) -> str:
@@ -64,7 +71,12 @@ def folder(run_dir: str, version: int | None, *parts: str) -> str:
 
 
 def student_domain(domain: Domain, settings: dict[str, Any], statistics: Statistics | None = None) -> Domain:
-    """The run's domain with the student's network settings over it; its fields must be the run's."""
+    """The run's domain with the student's network settings over it; its fields must be the run's.
+    Where the domain has discrete fields and its denoiser can read their reveal noise, the student's
+    does (the few-step student's coupling; see `archipelago.experts.distill`)."""
+    discrete = any(spec.path.stochastic_steps for spec in domain.fields.values())
+    if discrete and "reveal_noise" in domain.to_config():
+        settings = {"reveal_noise": True, **settings}
     student = type(domain).from_config({**domain.to_config(), **settings}) if settings else domain
     check_student_fields(domain, student, statistics)
     return student
@@ -173,7 +185,7 @@ def _train_dense(run_dir: str, config: DistillConfig, checked: Checked, on_log: 
     ensemble, summary = steps.load_ensemble(run_dir, version=checked.version), steps.read_summary(run_dir)
     run = steps.load_config(run_dir)
     data = steps.pooled_samples(run_dir, summary, ensemble.domain)
-    train = config.dense.model_copy(update={"seed": derive_seed(run.seed, "dense student")})
+    train = config.dense.model_copy(update={"seed": stream_seed(run.seed, config, "dense student")})
     return train_student(ensemble.domain, checked.student, data, train, folder(run_dir, checked.version, "dense"),
                          _mixture(ensemble), run.prediction, teacher_version=checked.version,
                          on_log=on_log, statistics=checked.statistics).checkpoint
@@ -196,7 +208,7 @@ def make_pairs(run_dir: str, shard: int, config: DistillConfig, version: int | N
     if storage.exists(uri):
         return uri
     e = steps.load_ensemble(run_dir, version=version)
-    seed = derive_seed(steps.load_config(run_dir).seed, "pairs", shard)
+    seed = stream_seed(steps.load_config(run_dir).seed, config, "pairs", shard)
     request = SampleRequest(**{**config.teacher, "n": shard_sizes(config)[shard], "seed": seed})
     generated = sample_ensemble(e.domain, e.experts, e.router, request, e.cluster_sizes, e.statistics, keep_noise=True)
     steps.write_table(uri, tensors_table(pairs_batch(generated.batch, generated.noise, e.domain.fields)))
@@ -225,7 +237,16 @@ def table_tensors(table: pa.Table) -> Batch:
 
 
 def read_pairs(run_dir: str, config: DistillConfig, domain: Domain, version: int | None) -> BatchSamples:
-    parts = [table_tensors(steps.read_table(shard_uri(run_dir, i, version))) for i in range(len(shard_sizes(config)))]
+    parts = []
+    for i in range(len(shard_sizes(config))):
+        uri = shard_uri(run_dir, i, version)
+        part = table_tensors(steps.read_table(uri))
+        stale = [name for name, spec in domain.fields.items()
+                 if spec.path.stochastic_steps and not part[noise_key(name)].is_floating_point()]
+        if stale:
+            raise ValueError(f"{uri} holds no reveal noise for {stale} (pairs made before the coupled discrete "
+                             f"sampler): delete {folder(run_dir, version, 'pairs')} and distil again")
+        parts.append(part)
     return BatchSamples(concat(parts, domain.layout), domain.layout)
 
 
@@ -234,7 +255,7 @@ def _train_reflow(run_dir: str, config: DistillConfig, checked: Checked, on_log:
     dense = latest_checkpoint(folder(run_dir, checked.version, "dense"))
     if dense is None:
         raise FileNotFoundError(f"{run_dir} has no dense student yet: the few-step student starts from it")
-    train = config.reflow.model_copy(update={"seed": derive_seed(run.seed, "reflow student")})
+    train = config.reflow.model_copy(update={"seed": stream_seed(run.seed, config, "reflow student")})
     pairs = read_pairs(run_dir, config, domain, checked.version)
     return train_student(domain, checked.student, pairs, train, folder(run_dir, checked.version, "reflow"),
                          prediction=run.prediction, init=ema_weights(dense), teacher_version=checked.version,
@@ -269,4 +290,5 @@ def load_student(run_dir: str, model: str, device: str | torch.device = "cpu") -
     if saved.get("codec"):  # the student diffuses the ensemble's latents; the run's codec decodes them
         decode = steps.decoder(domain, load_codec(domain, storage.join(run_dir, *saved["codec"]), device))
     return steps.LoadedEnsemble(domain=domain, experts=[student], router=None, cluster_sizes=saved["cluster_sizes"],
-                                statistics=saved["statistics"], decode=decode, expert_ids=[0])
+                                statistics=saved["statistics"], decode=decode, expert_ids=[0],
+                                coupled=MODELS[model] == "reflow")

@@ -537,11 +537,12 @@ class LoadedEnsemble:
     decode: Callable[[Batch], Batch] | None = None
     expert_ids: list[int] | None = None  # the run's expert id of each position (None: 0..K-1)
     version: int | None = None  # the ensemble version (None: assembled before versions were kept)
+    coupled: bool = False  # its network reads discrete fields' reveal noise (a few-step student)
 
     def sample(self, request: SampleRequest) -> Generated:
         """Generate samples for a request (see `archipelago.router.sampling`)."""
         return sample_ensemble(self.domain, self.experts, self.router, request, self.cluster_sizes, self.statistics,
-                               self.decode)
+                               self.decode, coupled=self.coupled)
 
 
 def load_ensemble(run_dir: str, device: str | torch.device = "cpu", version: int | None = None) -> LoadedEnsemble:

@@ -168,12 +168,13 @@ def _templates(domain: Domain, ids: Tensor, assignment: Tensor | None, statistic
 
 def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router | None, request: SampleRequest,
                     cluster_sizes: Sequence[int] | None = None, statistics: Sequence[Statistics] = (),
-                    decode: Any = None, keep_noise: bool = False) -> Generated:
+                    decode: Any = None, keep_noise: bool = False, coupled: bool = False) -> Generated:
     """Generate `request.n` samples in batches of at most `request.batch_size` (see the module docstring).
 
     `statistics` are the per-expert statistics (empty when the domain has none); `decode`, when
     given, maps generated latents back to the records' fields (the run's codec); `keep_noise`
-    keeps each sample's x_1 (distillation's pairs).
+    keeps each sample's x_1 (distillation's pairs); both it and `coupled` draw discrete fields'
+    reveal noise up front (see `MaskedPath`), the input of a few-step student.
     """
     check_request(domain, request, router, cluster_sizes, len(experts))
     device = check_device(request.device)
@@ -192,7 +193,8 @@ def sample_ensemble(domain: Domain, experts: Sequence[nn.Module], router: Router
         template.update(condition_batch(domain.conditions, _subset(request.conditions, ids, request.n), len(ids)))
         given = {name: Given.from_values(values) for name, values in
                  domain.given_values(_subset(request.given, ids, request.n), template).items()}
-        x_1 = {name: value.to(device) for name, value in draw_prior(domain.fields, template, generator).items()}
+        x_1 = {name: value.to(device) for name, value in draw_prior(domain.fields, template, generator,
+                                                                       coupled or keep_noise).items()}
         ensemble = Ensemble(experts, router, domain.fields, request.strategy, top_k=request.top_k,
                             assignment=None if assignment is None else assignment.to(device), layout=domain.layout,
                             conditions=domain.conditions, guidance=request.guidance, switch=request.switch,

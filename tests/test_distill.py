@@ -188,3 +188,15 @@ def test_a_new_ensemble_version_distils_afresh(fitted, tmp_path):
     assert (run_dir / "students" / "v1" / "reflow").exists()  # the old version's students are kept as they were
     assert run.sample(3, model="student", solver="euler", steps=1).items.shape == (3, 8, 5)
     assert "students of version 2: dense students/v2/dense/step-00000008" in status_text(run_status(str(run_dir)))
+
+
+def test_another_seed_repeats_the_distillation_with_other_pairs_and_students(fitted, tmp_path):
+    outcomes = []
+    for seed in (0, 1):
+        run_dir = shutil.copytree(fitted.run_dir, tmp_path / f"seed-{seed}", ignore=shutil.ignore_patterns("students"))
+        run = sdk.load(str(run_dir)).distill(**{**SMALL, "pairs": 5}, seed=seed)
+        pairs = pq.read_table(run_dir / "students" / "v1" / "pairs" / "part-00000.parquet").column("data")
+        outcomes.append((pairs.to_pylist(), run.sample(3, model="student", solver="euler", steps=1).items))
+        assert json.loads((run_dir / "students" / "students.json").read_text())["config"]["seed"] == seed
+    assert outcomes[0][0] != outcomes[1][0]
+    assert not np.allclose(outcomes[0][1], outcomes[1][1])

@@ -74,6 +74,7 @@ class CrystalConfig(BaseModel):
     width: int = Field(128, ge=4)
     depth: int = Field(4, ge=1)
     frequencies: int = Field(16, ge=1)
+    reveal_noise: bool = False  # the denoiser reads masked atom types' reveal noise (distill's few-step student)
     router_width: int = Field(64, ge=4)
     router_depth: int = Field(2, ge=1)
     elements: list[str] | None = None  # fitted: the element vocabulary, by atomic number
@@ -172,7 +173,8 @@ class CrystalDomain(Domain):
                                 frequencies=self.config.frequencies, **overrides)
 
     def denoiser_network(self) -> nn.Module:
-        return CSPNet(self._net_config(width=self.config.width, depth=self.config.depth))
+        return CSPNet(self._net_config(width=self.config.width, depth=self.config.depth,
+                                       reveal_noise=self.config.reveal_noise))
 
     def router_network(self, num_experts: int) -> nn.Module:
         c = self.config

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from archipelago.experts.conditions import Condition
-from archipelago.experts.embeddings import ConditionEmbedding, TimestepEmbedder
+from archipelago.experts.embeddings import ConditionEmbedding, RevealEmbedding, TimestepEmbedder
 
 LATTICE_DIM = 6  # the upper triangle of log S
 
@@ -43,6 +43,7 @@ class CrystalNetConfig:
     depth: int = 4  # message-passing layers
     frequencies: int = 16  # Fourier frequencies per fractional coordinate
     outputs: int | None = None  # None: a denoiser; K: a router with K logits
+    reveal_noise: bool = False  # the denoiser reads masked atom types' reveal noise (a few-step student)
 
     def __post_init__(self) -> None:
         if min(self.elements, self.width, self.depth, self.frequencies) < 1:
@@ -111,6 +112,7 @@ class CSPNet(nn.Module):
         self.time = TimestepEmbedder(c.width, frequency_dim=128, max_period=1000.0)
         self.condition = ConditionEmbedding(c.conditions, c.width)
         self.embed_atom = nn.Linear(2 * c.width, c.width)
+        self.reveal = RevealEmbedding(c.width) if c.reveal_noise else None
         self.layers = nn.ModuleList(CSPLayer(c.width, c.frequencies) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.width)
         if c.outputs is None:
@@ -125,6 +127,9 @@ class CSPNet(nn.Module):
         atom_batch, lattice = x_t["atom_batch"], x_t["lattice"].float()
         context = self.time(t) + self.condition(x_t, b, t.device)  # [B, W]
         h = self.embed_atom(torch.cat([self.embed_type(x_t["atom_type"]), context[atom_batch]], -1))
+        reveal = self.reveal(x_t, "atom_type", c.elements) if self.reveal else None
+        if reveal is not None:
+            h = h + reveal
         pairs = cell_pairs(atom_batch, b)
         i, j = pairs
         frac = x_t["frac_coords"].float()

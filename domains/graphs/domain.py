@@ -66,6 +66,7 @@ class GraphConfig(BaseModel):
     edge_width: int = Field(16, ge=2)  # pair channels of the denoiser
     depth: int = Field(4, ge=1)  # denoiser layers
     heads: int = Field(4, ge=1)  # attention heads (denoiser and router)
+    reveal_noise: bool = False  # the denoiser reads masked entries' reveal noise (distill's few-step student)
     router_width: int = Field(32, ge=4)
     router_depth: int = Field(2, ge=1)
     node_labels: list[str] | None = None  # fitted: the node label vocabulary (None: unlabelled nodes)
@@ -237,7 +238,8 @@ class GraphDomain(Domain):
 
     def denoiser_network(self) -> nn.Module:
         c = self.config
-        return GraphTransformer(self._net_config(width=c.width, edge_width=c.edge_width, depth=c.depth))
+        return GraphTransformer(self._net_config(width=c.width, edge_width=c.edge_width, depth=c.depth,
+                                                 reveal_noise=c.reveal_noise))
 
     def router_network(self, num_experts: int) -> nn.Module:
         c = self.config

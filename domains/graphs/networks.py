@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch_geometric.utils import to_dense_adj, to_dense_batch
 
 from archipelago.experts.conditions import Condition
-from archipelago.experts.embeddings import ConditionEmbedding, TimestepEmbedder
+from archipelago.experts.embeddings import ConditionEmbedding, RevealEmbedding, TimestepEmbedder
 
 EIGENVALUES = 5  # smallest non-zero Laplacian eigenvalues in the graph features
 EIGENVECTORS = 2  # first non-trivial eigenvectors in the node features
@@ -49,6 +49,7 @@ class GraphNetConfig:
     depth: int = 4  # transformer layers
     heads: int = 4  # attention heads; must divide width
     outputs: int | None = None  # None: a denoiser; K: a router with K logits
+    reveal_noise: bool = False  # the denoiser reads masked entries' reveal noise (a few-step student)
 
     def __post_init__(self) -> None:
         if min(self.width, self.edge_width, self.depth, self.heads, self.max_nodes) < 1:
@@ -203,6 +204,8 @@ class GraphTransformer(nn.Module):
         self.time = TimestepEmbedder(dx, frequency_dim=128, max_period=1000.0)
         self.condition = ConditionEmbedding(c.conditions, dx)
         self.layers = nn.ModuleList(GraphTransformerLayer(dx, de, dx, c.heads) for _ in range(c.depth))
+        self.reveal_x = RevealEmbedding(dx) if c.reveal_noise and c.node_categories else None
+        self.reveal_e = RevealEmbedding(de) if c.reveal_noise else None
         if c.outputs is None:
             self.node_head = nn.Linear(dx, c.node_categories) if c.node_categories else None
             self.edge_head = nn.Sequential(nn.Linear(de, de), nn.SiLU(), nn.Linear(de, c.edge_categories))
@@ -237,9 +240,16 @@ class GraphTransformer(nn.Module):
             types, _ = to_dense_batch(types, nodes, batch_size=b, max_num_nodes=n)
         else:
             types = mask[..., None].float()
-        x = self.embed_x(torch.cat([types, node_cycles / 10, node_spectral], -1)) * mask[..., None]
+        x = self.embed_x(torch.cat([types, node_cycles / 10, node_spectral], -1))
         pair_onehot = nn.functional.one_hot(x_t["edge_type"], c.edge_categories + 1).float()
         e = self.embed_e(symmetric_dense(pair_onehot, x_t, nodes, b, n))
+        node_reveal = self.reveal_x(x_t, "node_type", c.node_categories) if self.reveal_x else None
+        if node_reveal is not None:
+            x = x + to_dense_batch(node_reveal, nodes, batch_size=b, max_num_nodes=n)[0]
+        pair_reveal = self.reveal_e(x_t, "edge_type", c.edge_categories) if self.reveal_e else None
+        if pair_reveal is not None:
+            e = e + symmetric_dense(pair_reveal, x_t, nodes, b, n)
+        x = x * mask[..., None]
         e = e * (mask[:, :, None] & mask[:, None, :])[..., None]
         size = mask.sum(-1, keepdim=True).float() / c.max_nodes
         masked = (x_t["edge_type"] == c.edge_categories).float()
