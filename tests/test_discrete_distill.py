@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from archipelago.domains.crystals.domain import CrystalDomain
 from archipelago.domains.graphs import synthetic
 from archipelago.domains.graphs.domain import GraphDomain
 from archipelago.experts.batch import FieldSpec, noise_key, reveal_key
@@ -113,18 +114,32 @@ def test_a_one_step_student_reading_the_reveal_noise_keeps_the_entries_joint():
     assert abs(float(one_step.float().mean()) - 0.5) < 0.05  # and both values stay equally likely
 
 
-def test_the_graph_student_reads_the_reveal_noise_and_starts_as_its_dense_weights():
+def graph_student() -> tuple[nn.Module, dict, str]:
     domain = GraphDomain(max_nodes=20, width=16, edge_width=4, depth=1, heads=2, reveal_noise=True)
     domain.ingest(synthetic.benchmark("community-small")["train"][:4])
     template = domain.template(3, torch.Generator().manual_seed(0), {"nodes": [0] * 12 + [1]})
-    x_1 = draw_prior(domain.fields, template, torch.Generator().manual_seed(1), coupled=True)
-    assert x_1[reveal_key("edge_type")].shape == (*x_1["edge_type"].shape, 2)
-    net = domain.denoiser_network()
-    t = torch.ones(3)
-    plain = {k: v for k, v in x_1.items() if k != reveal_key("edge_type")}
-    torch.testing.assert_close(net(x_1, t)["edge_type"], net(plain, t)["edge_type"])  # zero at the start
-    net(x_1, t)["edge_type"].sum().backward()
-    assert net.reveal_e.mlp[-1].weight.grad.abs().sum() > 0  # and it learns from the noise
+    return domain.denoiser_network(), draw_prior(domain.fields, template, torch.Generator().manual_seed(1),
+                                                 coupled=True), "edge_type"
+
+
+def crystal_student() -> tuple[nn.Module, dict, str]:
+    domain = CrystalDomain(elements=["O", "Ti", "Sr"], lattice_mean=[1.4] * 3 + [0.0] * 3, lattice_std=[0.1] * 6,
+                           width=16, depth=1, frequencies=2, reveal_noise=True)
+    template = domain.template(3, torch.Generator().manual_seed(0), {"atoms": [0, 0, 0, 0, 1]})
+    return domain.denoiser_network(), draw_prior(domain.fields, template, torch.Generator().manual_seed(1),
+                                                 coupled=True), "atom_type"
+
+
+@pytest.mark.parametrize("build", [graph_student, crystal_student])
+def test_the_students_denoiser_reads_the_reveal_noise_from_a_zero_start(build):
+    net, x_1, name = build()
+    assert x_1[reveal_key(name)].shape == (*x_1[name].shape, 2)
+    t = torch.ones(len(x_1["lattice"]) if "lattice" in x_1 else 3)
+    plain = {k: v for k, v in x_1.items() if k != reveal_key(name)}
+    torch.testing.assert_close(net(x_1, t)[name], net(plain, t)[name])  # zero at the start: the dense weights'
+    net(x_1, t)[name].sum().backward()
+    reveal = next(m for m in net.modules() if isinstance(m, RevealEmbedding))
+    assert reveal.mlp[-1].weight.grad.abs().sum() > 0  # and it learns from the noise
 
 
 TINY = {"steps": 6, "batch_size": 8, "warmup_steps": 2, "progress": False}
