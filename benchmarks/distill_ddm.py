@@ -150,17 +150,18 @@ def main() -> None:
     torch.set_num_threads(1)
     graphs = sdk.load(args.run_dir).domain.name == "graphs"  # a masked path: Euler steps
     solver = {"solver": "euler" if graphs else "heun", "steps": args.sampler_steps}
-    repeats, seconds, teacher_calls = [], [], 0.0
+    repeats, seconds = [], []
     for i, seed in enumerate(args.seeds):
         rows, distill_s, teacher_calls = repeat(args, solver, i, seed)
         repeats.append(rows)
         seconds.append(distill_s)
-    rows = combine(repeats)
-    run = sdk.load(args.run_dir)
-    share = compute_share(run, args, teacher_calls)
-    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-                          f"{torch.__version__}", "args": vars(args), "distill_s": seconds, "compute": share,
-               "rows": rows, "repeats": repeats}
+        share = compute_share(sdk.load(args.run_dir), args, teacher_calls)
+        results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+                              f"{torch.__version__}", "args": vars(args), "distill_s": seconds, "compute": share,
+                   "rows": combine(repeats), "repeats": repeats}
+        if args.out:  # saved after every repeat
+            Path(args.out).write_text(json.dumps(results, indent=2))
+    rows = results["rows"]
     metrics = list(rows[0]["scores"])
     print(f"distillation: {np.mean(seconds):.0f} s a repeat; compute {share['share']:.2f} of the experts' training")
     print("| model | calls / sample | time / ensemble's | " + " | ".join(metrics) + " |")
@@ -168,8 +169,6 @@ def main() -> None:
     for row in rows:
         cells = [f"{row['scores'][m]['mean']:.4f} ± {row['scores'][m]['interval']:.4f}" for m in metrics]
         print(f"| {row['model']} | {row['calls']:.0f} | {row['time_ratio']:.2f} | " + " | ".join(cells) + " |")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
