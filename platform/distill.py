@@ -8,6 +8,7 @@ each part resumable like every other step:
     students/v<N>/pairs/part-*.parquet  (noise, ensemble sample) pairs, one shard per task, each written whole
                                         (discrete fields: the reveal noise of the coupled sampler)
     students/v<N>/reflow/step-*/        the few-step student (reflow on the pairs, from the dense student)
+    students/v<N>-seed-<S>/...          the same, of a distillation with seed S > 0
     students/students.json              the students sampled now, and their version; written last
 
 A new ensemble version (add-data, remove-expert) distils afresh into its own folder.
@@ -65,9 +66,15 @@ def stream_seed(run_seed: int, config: DistillConfig, *stream: Any) -> int:
     return derive_seed(run_seed, *stream, *([config.seed] if config.seed else []))
 
 
-def folder(run_dir: str, version: int | None, *parts: str) -> str:
-    """A folder of the students of ensemble version `version` (each version distils afresh)."""
-    return storage.join(run_dir, STUDENTS, f"v{version or 0}", *parts)
+def folder_name(version: int | None, seed: int = 0) -> str:
+    """The folder of the students of ensemble version `version` (each version distils afresh) and of
+    distillation seed `seed` (another seed is another distillation beside it)."""
+    return f"v{version or 0}" + (f"-seed-{seed}" if seed else "")
+
+
+def folder(run_dir: str, version: int | None, *parts: str, seed: int = 0) -> str:
+    """A folder under the students of ensemble version `version` and seed `seed` (see `folder_name`)."""
+    return storage.join(run_dir, STUDENTS, folder_name(version, seed), *parts)
 
 
 def student_domain(domain: Domain, settings: dict[str, Any], statistics: Statistics | None = None) -> Domain:
@@ -161,7 +168,7 @@ def _distill(run_dir: str, config: DistillConfig, checked: Checked, ray: bool, w
     with steps.run_lease(run_dir, "archipelago distill", wait):
         dense = _train_dense(run_dir, config, checked, _prefixed(on_log, "dense_"))
         missing = [i for i in range(len(shard_sizes(config)))
-                   if not storage.exists(shard_uri(run_dir, i, checked.version))]
+                   if not storage.exists(shard_uri(run_dir, i, checked.version, config.seed))]
         if ray and missing:
             from archipelago.platform import islands
 
@@ -186,14 +193,14 @@ def _train_dense(run_dir: str, config: DistillConfig, checked: Checked, on_log: 
     run = steps.load_config(run_dir)
     data = steps.pooled_samples(run_dir, summary, ensemble.domain)
     train = config.dense.model_copy(update={"seed": stream_seed(run.seed, config, "dense student")})
-    return train_student(ensemble.domain, checked.student, data, train, folder(run_dir, checked.version, "dense"),
-                         _mixture(ensemble), run.prediction, teacher_version=checked.version,
-                         on_log=on_log, statistics=checked.statistics).checkpoint
+    where = folder(run_dir, checked.version, "dense", seed=config.seed)
+    return train_student(ensemble.domain, checked.student, data, train, where, _mixture(ensemble), run.prediction,
+                         teacher_version=checked.version, on_log=on_log, statistics=checked.statistics).checkpoint
 
 
-def shard_uri(run_dir: str, shard: int, version: int | None) -> str:
+def shard_uri(run_dir: str, shard: int, version: int | None, seed: int = 0) -> str:
     """A pairs shard of the ensemble version it was sampled from (a new version never reuses them)."""
-    return folder(run_dir, version, "pairs", f"part-{shard:05d}.parquet")
+    return folder(run_dir, version, "pairs", f"part-{shard:05d}.parquet", seed=seed)
 
 
 def shard_sizes(config: DistillConfig) -> list[int]:
@@ -204,7 +211,7 @@ def shard_sizes(config: DistillConfig) -> list[int]:
 def make_pairs(run_dir: str, shard: int, config: DistillConfig, version: int | None) -> str:
     """Shard `shard` of the pairs of ensemble `version`: noise and the ensemble's sample from it
     (kept when already written). A task of its own: it needs the run's storage, nothing else."""
-    uri = shard_uri(run_dir, shard, version)
+    uri = shard_uri(run_dir, shard, version, config.seed)
     if storage.exists(uri):
         return uri
     e = steps.load_ensemble(run_dir, version=version)
@@ -239,32 +246,33 @@ def table_tensors(table: pa.Table) -> Batch:
 def read_pairs(run_dir: str, config: DistillConfig, domain: Domain, version: int | None) -> BatchSamples:
     parts = []
     for i in range(len(shard_sizes(config))):
-        uri = shard_uri(run_dir, i, version)
+        uri = shard_uri(run_dir, i, version, config.seed)
         part = table_tensors(steps.read_table(uri))
         stale = [name for name, spec in domain.fields.items()
                  if spec.path.stochastic_steps and not part[noise_key(name)].is_floating_point()]
         if stale:
             raise ValueError(f"{uri} holds no reveal noise for {stale} (pairs made before the coupled discrete "
-                             f"sampler): delete {folder(run_dir, version, 'pairs')} and distil again")
+                             f"sampler): delete {folder(run_dir, version, 'pairs', seed=config.seed)} and distil again")
         parts.append(part)
     return BatchSamples(concat(parts, domain.layout), domain.layout)
 
 
 def _train_reflow(run_dir: str, config: DistillConfig, checked: Checked, on_log: OnLog | None) -> str:
     domain, run = steps.load_domain(run_dir), steps.load_config(run_dir)
-    dense = latest_checkpoint(folder(run_dir, checked.version, "dense"))
+    dense = latest_checkpoint(folder(run_dir, checked.version, "dense", seed=config.seed))
     if dense is None:
         raise FileNotFoundError(f"{run_dir} has no dense student yet: the few-step student starts from it")
     train = config.reflow.model_copy(update={"seed": stream_seed(run.seed, config, "reflow student")})
     pairs = read_pairs(run_dir, config, domain, checked.version)
-    return train_student(domain, checked.student, pairs, train, folder(run_dir, checked.version, "reflow"),
-                         prediction=run.prediction, init=ema_weights(dense), teacher_version=checked.version,
-                         on_log=on_log, statistics=checked.statistics).checkpoint
+    where = folder(run_dir, checked.version, "reflow", seed=config.seed)
+    return train_student(domain, checked.student, pairs, train, where, prediction=run.prediction,
+                         init=ema_weights(dense), teacher_version=checked.version, on_log=on_log,
+                         statistics=checked.statistics).checkpoint
 
 
 def _record(run_dir: str, config: DistillConfig, checked: Checked, dense: str, reflow: str) -> dict[str, Any]:
     """Write students.json last: the students, their config and the ensemble version they distil."""
-    saved, where = checked.ensemble, [STUDENTS, f"v{checked.version or 0}"]
+    saved, where = checked.ensemble, [STUDENTS, folder_name(checked.version, config.seed)]
     summary = {"ensemble_version": checked.version, "config": config.model_dump(mode="json"),
                "dense": [*where, "dense", storage.base_name(dense)],
                "reflow": [*where, "reflow", storage.base_name(reflow)],

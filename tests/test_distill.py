@@ -190,13 +190,15 @@ def test_a_new_ensemble_version_distils_afresh(fitted, tmp_path):
     assert "students of version 2: dense students/v2/dense/step-00000008" in status_text(run_status(str(run_dir)))
 
 
-def test_another_seed_repeats_the_distillation_with_other_pairs_and_students(fitted, tmp_path):
+def test_another_seed_repeats_the_distillation_beside_the_first(fitted, tmp_path):
+    run_dir = shutil.copytree(fitted.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("students"))
     outcomes = []
-    for seed in (0, 1):
-        run_dir = shutil.copytree(fitted.run_dir, tmp_path / f"seed-{seed}", ignore=shutil.ignore_patterns("students"))
+    for seed, name in ((0, "v1"), (1, "v1-seed-1")):
         run = sdk.load(str(run_dir)).distill(**{**SMALL, "pairs": 5}, seed=seed)
-        pairs = pq.read_table(run_dir / "students" / "v1" / "pairs" / "part-00000.parquet").column("data")
+        pairs = pq.read_table(run_dir / "students" / name / "pairs" / "part-00000.parquet").column("data")
         outcomes.append((pairs.to_pylist(), run.sample(3, model="student", solver="euler", steps=1).items))
-        assert json.loads((run_dir / "students" / "students.json").read_text())["config"]["seed"] == seed
+        saved = json.loads((run_dir / "students" / "students.json").read_text())
+        assert saved["config"]["seed"] == seed and saved["reflow"][:2] == ["students", name]
     assert outcomes[0][0] != outcomes[1][0]
     assert not np.allclose(outcomes[0][1], outcomes[1][1])
+    assert (run_dir / "students" / "v1" / "reflow").exists()  # the first distillation is kept
