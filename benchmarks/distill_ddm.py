@@ -151,8 +151,8 @@ def main() -> None:
     graphs = sdk.load(args.run_dir).domain.name == "graphs"  # a masked path: Euler steps
     solver = {"solver": "euler" if graphs else "heun", "steps": args.sampler_steps}
     repeats, seconds = [], []
-    for i, seed in enumerate(args.seeds):
-        rows, distill_s, teacher_calls = repeat(args, solver, i, seed)
+    for seed in args.seeds:  # the seed also picks the sample and metric seeds, so repeats run apart are distinct
+        rows, distill_s, teacher_calls = repeat(args, solver, seed, seed)
         repeats.append(rows)
         seconds.append(distill_s)
         share = compute_share(sdk.load(args.run_dir), args, teacher_calls)
