@@ -128,34 +128,35 @@ def reference(run: sdk.Run, args: argparse.Namespace) -> Any:
     return {"test": graph_metrics.describe(test), "train": table_to_graphs(run.records())}  # test described once
 
 
-def repeat(args: argparse.Namespace, solver: dict, i: int, seed: int) -> tuple[list[dict], float, float]:
-    """One repeat: distil with `seed`, then every row; its rows, the distillation's seconds and the
-    teacher's calls per sample."""
+def repeat(args: argparse.Namespace, solver: dict, seed: int) -> tuple[list[dict], float, float]:
+    """One repeat: distil with `seed`, then every row (sample and metric seeds follow `seed`, so
+    repeats run apart stay distinct); its rows, the distillation's seconds and the teacher's calls."""
     run, distill_s = distil(args, solver, seed)
     real = reference(run, args)
-    rows = [score(run, real, f"ensemble, {strategy}", {"strategy": strategy, **solver}, args, i)
+    rows = [score(run, real, f"ensemble, {strategy}", {"strategy": strategy, **solver}, args, seed)
             for strategy in args.strategies]
     teacher_calls = next((r["calls"] for r in rows if r["settings"]["strategy"] == args.teacher_strategy), None)
     if teacher_calls is None:
-        teacher_calls = score(run, real, "teacher", {"strategy": args.teacher_strategy, **solver}, args, i)["calls"]
-    rows.append(score(run, real, "dense student", {"model": "dense", **solver}, args, i))
+        teacher_calls = score(run, real, "teacher", {"strategy": args.teacher_strategy, **solver}, args, seed)["calls"]
+    rows.append(score(run, real, "dense student", {"model": "dense", **solver}, args, seed))
     rows += [score(run, real, f"reflow student, {n} Euler step{'s' * (n > 1)}",
-                   {"model": "student", "solver": "euler", "steps": n}, args, i) for n in (1, 2, 4)]
-    print(f"repeat {i} (seed {seed}): distillation {distill_s:.0f} s", flush=True)
+                   {"model": "student", "solver": "euler", "steps": n}, args, seed) for n in (1, 2, 4)]
+    print(f"repeat with seed {seed}: distillation {distill_s:.0f} s", flush=True)
     return rows, distill_s, teacher_calls
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
-    graphs = sdk.load(args.run_dir).domain.name == "graphs"  # a masked path: Euler steps
+    source = sdk.load(args.run_dir)
+    graphs = source.domain.name == "graphs"  # a masked path: Euler steps
     solver = {"solver": "euler" if graphs else "heun", "steps": args.sampler_steps}
     repeats, seconds = [], []
-    for seed in args.seeds:  # the seed also picks the sample and metric seeds, so repeats run apart are distinct
-        rows, distill_s, teacher_calls = repeat(args, solver, seed, seed)
+    for seed in args.seeds:
+        rows, distill_s, teacher_calls = repeat(args, solver, seed)
         repeats.append(rows)
         seconds.append(distill_s)
-        share = compute_share(sdk.load(args.run_dir), args, teacher_calls)
+        share = compute_share(source, args, teacher_calls)
         results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                               f"{torch.__version__}", "args": vars(args), "distill_s": seconds, "compute": share,
                    "rows": combine(repeats), "repeats": repeats}

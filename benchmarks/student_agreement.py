@@ -15,6 +15,7 @@ import argparse
 
 import torch
 
+from archipelago.experts import storage
 from archipelago.experts.batch import noise_key, reveal_key
 from archipelago.experts.solvers import integrate
 from archipelago.platform import distill, steps
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 20])
     args = parser.parse_args()
     torch.set_num_threads(1)
-    summary = steps.storage.read_json(steps.storage.join(args.run_dir, distill.STUDENTS, distill.STUDENTS_FILE))
+    summary = storage.read_json(storage.join(args.run_dir, distill.STUDENTS, distill.STUDENTS_FILE))
     config, domain = distill.DistillConfig(**summary["config"]), steps.load_domain(args.run_dir)
     pairs = distill.read_pairs(args.run_dir, config, domain, summary["ensemble_version"])
     batch = pairs.batch(torch.arange(min(args.pairs, len(pairs))))
