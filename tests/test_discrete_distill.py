@@ -162,6 +162,7 @@ def test_a_graph_run_distils_a_student_that_samples_by_its_reveal_noise(graph_ru
     assert student.experts[0].net.reveal_e is not None
     out = run.sample(5, model="student", solver="euler", steps=1, seed=0)
     assert len(out.items) == 5 and out.expert_calls_per_sample == 1
+    assert out.batch[reveal_key("edge_type")].shape == (*out.batch["edge_type"].shape, 2)  # sampled coupled
     assert torch.equal(out.batch["edge_type"], run.sample(5, model="student", solver="euler", steps=1,
                                                           seed=0).batch["edge_type"])
     dense = run.sample(5, model="dense", solver="euler", steps=2, seed=0)
