@@ -17,6 +17,9 @@ sample: forward and backward; the router is counted as one expert pass, which ov
 
 Graphs are scored against `--real` (novelty against the run's own records); their masked path is
 integrated with Euler steps, and `--sampler-steps` replaces the ensemble's and dense student's 20.
+Repeats run apart (`--seeds 2` in another process) are joined into one table with
+
+    python benchmarks/distill_ddm.py --merge seeds-0-1.json seed-2.json --out distill.json
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ GRAPH_METRICS = ("degree", "clustering", "orbit", "spectral", "unique", "novel",
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", required=True, help="a fitted, assembled K-expert run")
+    parser.add_argument("--run-dir", help="a fitted, assembled K-expert run")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="join the repeats of earlier outputs instead")
     parser.add_argument("--work", default=None, help="where the distilled copy goes (default: <run-dir>-distilled)")
     parser.add_argument("--strategies", nargs="+", default=["sample", "full"],
                         help="the ensemble's rows at 20 Heun steps (the first is the time ratios' baseline)")
@@ -62,7 +66,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--real", default=None, help="graphs: the reference set, a source the domain reads")
     parser.add_argument("--sampler-steps", type=int, default=20, help="the ensemble's and dense student's steps")
     parser.add_argument("--out", default=None)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if (args.run_dir is None) == (args.merge is None):
+        parser.error("give either --run-dir (distil and score) or --merge (join earlier outputs)")
+    return args
 
 
 def distil(args: argparse.Namespace, solver: dict, seed: int) -> tuple[sdk.Run, float]:
@@ -145,9 +152,39 @@ def repeat(args: argparse.Namespace, solver: dict, seed: int) -> tuple[list[dict
     return rows, distill_s, teacher_calls
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(1)
+def merge(paths: list[str]) -> dict:
+    """One result from outputs whose repeats ran apart: their repeats and distillation times joined.
+    Refused when the outputs were made with other budgets, or share a seed."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    budget = ("run_dir", "dense_steps", "reflow_steps", "pairs", "batch_size", "samples", "sampler_steps",
+              "strategies", "teacher_strategy")
+    for path, part in zip(paths[1:], parts[1:], strict=True):
+        differ = [key for key in budget if part["args"][key] != parts[0]["args"][key]]
+        if differ:
+            raise SystemExit(f"{path} was made with other settings than {paths[0]}: {', '.join(differ)}")
+    repeats = [rows for part in parts for rows in part["repeats"]]
+    seeds = [seed for part in parts for seed in part["args"]["seeds"][:len(part["repeats"])]]
+    if len(set(seeds)) < len(seeds):
+        raise SystemExit(f"the outputs repeat a seed ({seeds}): a repeat counted twice is not a repeat")
+    return {**parts[0], "args": {**parts[0]["args"], "seeds": seeds, "merged": paths},
+            "distill_s": [s for part in parts for s in part["distill_s"]], "rows": combine(repeats),
+            "repeats": repeats}
+
+
+def report(results: dict) -> None:
+    rows = results["rows"]
+    metrics = list(rows[0]["scores"])
+    print(f"distillation: {np.mean(results['distill_s']):.0f} s a repeat; compute "
+          f"{results['compute']['share']:.2f} of the experts' training")
+    print("| model | calls / sample | time / ensemble's | " + " | ".join(metrics) + " |")
+    print("|---" * (len(metrics) + 3) + "|")
+    for row in rows:
+        cells = [f"{row['scores'][m]['mean']:.4f} ± {row['scores'][m]['interval']:.4f}" for m in metrics]
+        print(f"| {row['model']} | {row['calls']:.0f} | {row['time_ratio']:.2f} | " + " | ".join(cells) + " |")
+
+
+def distil_and_score(args: argparse.Namespace) -> dict:
+    """Every repeat of `args.seeds`, saved to `args.out` after each."""
     source = sdk.load(args.run_dir)
     graphs = source.domain.name == "graphs"  # a masked path: Euler steps
     solver = {"solver": "euler" if graphs else "heun", "steps": args.sampler_steps}
@@ -156,20 +193,25 @@ def main() -> None:
         rows, distill_s, teacher_calls = repeat(args, solver, seed)
         repeats.append(rows)
         seconds.append(distill_s)
-        share = compute_share(source, args, teacher_calls)
         results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-                              f"{torch.__version__}", "args": vars(args), "distill_s": seconds, "compute": share,
-                   "rows": combine(repeats), "repeats": repeats}
+                              f"{torch.__version__}", "args": vars(args), "distill_s": seconds,
+                   "compute": compute_share(source, args, teacher_calls), "rows": combine(repeats),
+                   "repeats": repeats}
         if args.out:  # saved after every repeat
             Path(args.out).write_text(json.dumps(results, indent=2))
-    rows = results["rows"]
-    metrics = list(rows[0]["scores"])
-    print(f"distillation: {np.mean(seconds):.0f} s a repeat; compute {share['share']:.2f} of the experts' training")
-    print("| model | calls / sample | time / ensemble's | " + " | ".join(metrics) + " |")
-    print("|---" * (len(metrics) + 3) + "|")
-    for row in rows:
-        cells = [f"{row['scores'][m]['mean']:.4f} ± {row['scores'][m]['interval']:.4f}" for m in metrics]
-        print(f"| {row['model']} | {row['calls']:.0f} | {row['time_ratio']:.2f} | " + " | ".join(cells) + " |")
+    return results
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    if args.merge:
+        results = merge(args.merge)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+    else:
+        results = distil_and_score(args)
+    report(results)
 
 
 if __name__ == "__main__":
