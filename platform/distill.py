@@ -8,6 +8,8 @@ each part resumable like every other step:
     students/v<N>/pairs/part-*.parquet  (noise, ensemble sample) pairs, one shard per task, each written whole
                                         (discrete fields: the reveal noise of the coupled sampler)
     students/v<N>/reflow/step-*/        the few-step student (reflow on the pairs, from the dense student)
+    students/v<N>/distill.json          the settings its parts were made with (another teacher, student
+                                        or number of pairs there is refused, naming what differs)
     students/v<N>-seed-<S>/...          the same, of a distillation with seed S > 0
     students/students.json              the students sampled now, and their version; written last
 
@@ -38,12 +40,16 @@ from archipelago.experts.distill import Teacher, check_student_fields, pairs_bat
 from archipelago.experts.domain import Domain, Statistics, merge_statistics
 from archipelago.experts.training import OnLog, TrainConfig, derive_seed
 from archipelago.platform import steps, versions
+from archipelago.platform.config import identity_diff
 from archipelago.platform.runner import Launch, absolute_run_dir
 from archipelago.router.ensemble import Ensemble, Strategy
 from archipelago.router.sampling import SampleRequest, sample_ensemble
 
 STUDENTS = "students"
 STUDENTS_FILE = "students.json"
+SETTINGS_FILE = "distill.json"  # in each students folder: the settings its parts were made with
+# The teacher's request fields that do not change its pairs (n and seed are set per shard).
+TEACHER_NON_IDENTITY = {"n", "seed", "batch_size", "device", "progress"}
 MODELS = {"student": "reflow", "dense": "dense"}  # SampleRequest.model -> its student in students.json
 
 
@@ -116,7 +122,45 @@ def check(run_dir: str, config: DistillConfig) -> Checked:
         raise FileNotFoundError(f"cannot distil {run_dir}: {error} (run `archipelago fit` or `archipelago assemble` "
                                 f"first)") from error
     student = student_domain(steps.load_domain(run_dir), config.student, merge_statistics(saved.get("statistics", [])))
-    return Checked(saved, student, SampleRequest(**{**config.teacher, "n": config.pairs_per_shard}))
+    checked = Checked(saved, student, SampleRequest(**{**config.teacher, "n": config.pairs_per_shard}))
+    check_settings(run_dir, config, checked.version)
+    return checked
+
+
+def check_settings(run_dir: str, config: DistillConfig, version: int | None) -> None:
+    """Resuming a distillation must not mix the parts of two: a students folder whose settings
+    differ from `config` in anything but steps and logging (its teacher, student, pairs, learning
+    rates) is a RunConflict naming what differs. Raising steps trains on, as in a fit."""
+    uri = folder(run_dir, version, SETTINGS_FILE, seed=config.seed)
+    if not storage.exists(uri):
+        return
+    differing = settings_diff(DistillConfig(**storage.read_json(uri)["config"]), config)
+    if differing:
+        raise steps.RunConflict(
+            f"{folder(run_dir, version, seed=config.seed)} holds a distillation with other settings (differs in "
+            f"{', '.join(differing)}): distil with another seed, or delete that folder to start it afresh")
+
+
+def settings_diff(saved: DistillConfig, config: DistillConfig) -> list[str]:
+    """Dotted names of the settings that change what a distillation makes. The teacher is compared
+    as the request it makes (defaults filled in), and its solver steps count: other steps make other pairs."""
+    def teacher(c: DistillConfig) -> dict[str, Any]:
+        request = SampleRequest(**{**c.teacher, "n": 1}).model_dump(mode="json", exclude=TEACHER_NON_IDENTITY)
+        return {"teacher." + name: value for name, value in request.items()}
+
+    differing = identity_diff(saved.model_dump(mode="json", exclude={"teacher"}),
+                              config.model_dump(mode="json", exclude={"teacher"}))
+    old, new = teacher(saved), teacher(config)
+    return differing + [name for name in sorted(old) if old[name] != new[name]]
+
+
+def record_settings(run_dir: str, config: DistillConfig, version: int | None) -> None:
+    """Check the folder's settings again under the lease, and write them before its first part.
+    (A folder made before settings were recorded takes the settings it is resumed with.)"""
+    check_settings(run_dir, config, version)
+    uri = folder(run_dir, version, SETTINGS_FILE, seed=config.seed)
+    if not storage.exists(uri):
+        storage.write_json(uri, {"config": config.model_dump(mode="json")})
 
 
 def _mixture(ensemble: steps.LoadedEnsemble) -> Teacher:
@@ -166,6 +210,7 @@ def distill(run_dir: str, config: DistillConfig, ray: bool = False, wait: bool |
 def _distill(run_dir: str, config: DistillConfig, checked: Checked, ray: bool, wait: bool | float,
              address: str | None, on_log: OnLog | None) -> dict[str, Any]:
     with steps.run_lease(run_dir, "archipelago distill", wait):
+        record_settings(run_dir, config, checked.version)
         dense = _train_dense(run_dir, config, checked, _prefixed(on_log, "dense_"))
         missing = [i for i in range(len(shard_sizes(config)))
                    if not storage.exists(shard_uri(run_dir, i, checked.version, config.seed))]

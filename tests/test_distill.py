@@ -169,6 +169,25 @@ def test_bad_distillations_are_refused_before_any_work(fitted, tmp_path, capsys)
         sdk.load(str(unassembled)).sample(2, model="student")
 
 
+def test_resuming_with_other_settings_is_refused_naming_them(fitted, tmp_path):
+    run_dir = shutil.copytree(fitted.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("students"))
+    distill.distill(str(run_dir), distill.DistillConfig(**SMALL))
+    written = sorted((p, p.stat().st_mtime_ns) for p in (run_dir / "students").rglob("*") if p.is_file())
+    changes = {"teacher.strategy": {"teacher": {**SMALL["teacher"], "strategy": "sample"}},
+               "teacher.steps": {"teacher": {**SMALL["teacher"], "steps": 4}},
+               "pairs": {"pairs": 13}, "student.width": {"student": {"width": 8}},
+               "reflow.lr": {"reflow": {**TINY, "steps": 8, "lr": 1e-4}}}
+    for name, change in changes.items():
+        with pytest.raises(distill.steps.RunConflict, match=rf"students/v1 holds a distillation with other "
+                                                            rf"settings \(differs in {name}\)"):
+            distill.distill(str(run_dir), distill.DistillConfig(**{**SMALL, **change}))
+    assert sorted((p, p.stat().st_mtime_ns) for p in (run_dir / "students").rglob("*") if p.is_file()) == written
+    # The same teacher spelled with its defaults, and more steps (training goes on), are the same distillation.
+    same = {**SMALL, "teacher": {**SMALL["teacher"], "top_k": 2}, "reflow": {**TINY, "steps": 9}}
+    distill.distill(str(run_dir), distill.DistillConfig(**same))
+    assert (run_dir / "students" / "v1" / "reflow" / "step-00000009").exists()
+
+
 def test_pairs_are_made_as_ray_tasks_and_match_the_in_process_ones(fitted, tmp_path, ray_local):
     config = distill.DistillConfig(**SMALL)
     runs = {}
