@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from archipelago.platform.tracking import PARENT_TAG, TRACKING_ENV
+from archipelago.platform.tracking import PARENT_TAG, PROBE_PATH, TRACKING_ENV
 
 ARCHIPELAGO = str(Path(sys.executable).with_name("archipelago"))
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -61,11 +61,14 @@ def _wait_healthy(uri: str, process: subprocess.Popen, log: Path) -> None:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        with suppress(OSError), urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+        # Ready when the REST API answers the probe `check_tracking` makes, not only /health:
+        # the store behind the API warms up on its first request, which on a loaded machine can
+        # take longer than the probe's timeout.
+        with suppress(OSError), urllib.request.urlopen(f"{uri}{PROBE_PATH}", timeout=30) as answer:
             if answer.status == 200:
                 return
         time.sleep(0.5)
-    raise TimeoutError(f"mlflow server at {uri} not healthy after {START_TIMEOUT_S} s; see {log}")
+    raise TimeoutError(f"mlflow server at {uri} not ready after {START_TIMEOUT_S} s; see {log}")
 
 
 @pytest.mark.cluster
