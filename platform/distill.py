@@ -115,7 +115,7 @@ class Checked:
 
 def check(run_dir: str, config: DistillConfig) -> Checked:
     """Everything a distillation needs, checked before any work: an assembled ensemble, a student
-    with the run's fields, and a valid teacher request."""
+    with the run's fields, a valid teacher request, and the settings of the folder it resumes."""
     try:
         saved = versions.load(run_dir)
     except FileNotFoundError as error:
