@@ -135,11 +135,11 @@ def reference(run: sdk.Run, args: argparse.Namespace) -> Any:
     return {"test": graph_metrics.describe(test), "train": table_to_graphs(run.records())}  # test described once
 
 
-def repeat(args: argparse.Namespace, solver: dict, seed: int) -> tuple[list[dict], float, float]:
-    """One repeat: distil with `seed`, then every row (sample and metric seeds follow `seed`, so
-    repeats run apart stay distinct); its rows, the distillation's seconds and the teacher's calls."""
+def repeat(args: argparse.Namespace, solver: dict, seed: int, real: Any) -> tuple[list[dict], float, float]:
+    """One repeat: distil with `seed`, then every row scored against `real` (sample and metric seeds
+    follow `seed`, so repeats run apart stay distinct); its rows, the distillation's seconds and the
+    teacher's calls."""
     run, distill_s = distil(args, solver, seed)
-    real = reference(run, args)
     rows = [score(run, real, f"ensemble, {strategy}", {"strategy": strategy, **solver}, args, seed)
             for strategy in args.strategies]
     teacher_calls = next((r["calls"] for r in rows if r["settings"]["strategy"] == args.teacher_strategy), None)
@@ -157,7 +157,7 @@ def merge(paths: list[str]) -> dict:
     Refused when the outputs were made with other budgets, or share a seed."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     budget = ("run_dir", "dense_steps", "reflow_steps", "pairs", "batch_size", "samples", "sampler_steps",
-              "strategies", "teacher_strategy")
+              "strategies", "teacher_strategy", "metrics", "real")
     for path, part in zip(paths[1:], parts[1:], strict=True):
         differ = [key for key in budget if part["args"][key] != parts[0]["args"][key]]
         if differ:
@@ -188,9 +188,10 @@ def distil_and_score(args: argparse.Namespace) -> dict:
     source = sdk.load(args.run_dir)
     graphs = source.domain.name == "graphs"  # a masked path: Euler steps
     solver = {"solver": "euler" if graphs else "heun", "steps": args.sampler_steps}
+    real = reference(source, args)  # once, and before any distillation (graphs without --real fail here)
     repeats, seconds = [], []
     for seed in args.seeds:
-        rows, distill_s, teacher_calls = repeat(args, solver, seed)
+        rows, distill_s, teacher_calls = repeat(args, solver, seed, real)
         repeats.append(rows)
         seconds.append(distill_s)
         results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
