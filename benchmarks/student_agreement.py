@@ -16,7 +16,8 @@ import argparse
 import torch
 
 from archipelago.experts import storage
-from archipelago.experts.batch import noise_key, reveal_key
+from archipelago.experts.batch import reveal_key
+from archipelago.experts.distill import pair_starts
 from archipelago.experts.solvers import integrate
 from archipelago.platform import distill, steps
 
@@ -36,11 +37,7 @@ def main() -> None:
     discrete = sorted(name for name, spec in domain.fields.items() if spec.path.stochastic_steps)
     if not discrete:
         raise SystemExit(f"{args.run_dir}: the {domain.name} domain has no discrete fields")
-    x_1 = {name: value for name, value in batch.items() if not name.endswith(":noise")}
-    for name, spec in domain.fields.items():
-        x_1[name] = spec.path.prior(batch[name]) if spec.path.stochastic_steps else batch[noise_key(name)]
-    for name in discrete:
-        x_1[reveal_key(name)] = batch[noise_key(name)]
+    x_1 = pair_starts(batch, domain.fields)
     shuffled = dict(x_1)
     g = torch.Generator().manual_seed(0)
     for name in discrete:

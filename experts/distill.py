@@ -94,6 +94,19 @@ def pairs_batch(samples: Batch, noise: Batch, fields: Fields) -> Batch:
                           for name, spec in fields.items()}}
 
 
+def pair_starts(pairs: Batch, fields: Fields) -> Batch:
+    """The inverse of `pairs_batch`: the x_1 each pair's sample was sampled from, as `draw_prior(...,
+    coupled=True)` lays it out (a discrete field masked, its reveal noise under `reveal_key`)."""
+    x_1 = {name: value for name, value in pairs.items() if not name.endswith(NOISE_SUFFIX)}
+    for name, spec in fields.items():
+        noise = pairs[noise_key(name)]
+        if spec.path.stochastic_steps:
+            x_1[name], x_1[reveal_key(name)] = spec.path.prior(pairs[name]), noise
+        else:
+            x_1[name] = noise
+    return x_1
+
+
 def reflow_loss(net: nn.Module, fields: Fields, pairs: Batch, generator: torch.Generator,
                 prediction: Prediction = Prediction.VELOCITY, given: Mapping[str, Tensor] | None = None) -> Tensor:
     """Flow matching on (noise, sample) pairs: x_t on the path between each pair's ends. A discrete

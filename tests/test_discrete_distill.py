@@ -18,7 +18,7 @@ from archipelago.domains.graphs import synthetic
 from archipelago.domains.graphs.domain import GraphDomain
 from archipelago.experts.batch import FieldSpec, noise_key, reveal_key
 from archipelago.experts.data import DenseSamples
-from archipelago.experts.distill import pairs_batch, reflow_loss
+from archipelago.experts.distill import pair_starts, pairs_batch, reflow_loss
 from archipelago.experts.embeddings import RevealEmbedding
 from archipelago.experts.paths import MaskedPath
 from archipelago.experts.solvers import draw_prior, integrate
@@ -100,6 +100,8 @@ def test_a_one_step_student_reading_the_reveal_noise_keeps_the_entries_joint():
     teacher_samples = integrate(equal_pair_posterior, x_1, FIELDS, "euler", 20)
     pairs = pairs_batch(teacher_samples, x_1, FIELDS)
     assert torch.equal(pairs[noise_key("x")], x_1[reveal_key("x")])  # the noise end of a discrete field
+    starts = pair_starts(pairs, FIELDS)
+    assert starts.keys() == x_1.keys() and all(torch.equal(starts[k], x_1[k]) for k in x_1)  # and back
     student = train_on_pairs(DenseSamples(pairs), steps=1500)
     with torch.no_grad():
         one_step = integrate(student, prior(4000, 8, coupled=True), FIELDS, "euler", 1)["x"]
