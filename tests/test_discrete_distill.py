@@ -9,6 +9,8 @@ trajectory would reach from that noise, and keeps the entries equal in one step.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -17,12 +19,13 @@ from archipelago.domains.crystals.domain import CrystalDomain
 from archipelago.domains.graphs import synthetic
 from archipelago.domains.graphs.domain import GraphDomain
 from archipelago.experts.batch import FieldSpec, noise_key, reveal_key
+from archipelago.experts.conventions import Prediction
 from archipelago.experts.data import DenseSamples
 from archipelago.experts.distill import pair_starts, pairs_batch, reflow_loss
 from archipelago.experts.embeddings import RevealEmbedding
 from archipelago.experts.paths import MaskedPath
 from archipelago.experts.solvers import draw_prior, integrate
-from archipelago.platform import sdk
+from archipelago.platform import distill, sdk, steps, versions
 
 PATH = MaskedPath(2)
 FIELDS = {"x": FieldSpec(PATH)}
@@ -169,3 +172,22 @@ def test_a_graph_run_distils_a_student_that_samples_by_its_reveal_noise(graph_ru
                                                           seed=0).batch["edge_type"])
     dense = run.sample(5, model="dense", solver="euler", steps=2, seed=0)
     assert reveal_key("edge_type") not in dense.batch and len(dense.items) == 5
+
+
+def test_a_masked_fields_noise_end_must_be_its_reveal_noise():
+    x_0 = torch.zeros(3, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"a masked field's noise end is its reveal noise, float \(3, 2, 2\); "
+                                         r"got torch.int64 \(3, 2\)"):
+        PATH.sample(x_0, torch.full((3,), 0.5), None, Prediction.X0, noise=PATH.prior(x_0))
+
+
+def test_pairs_made_before_the_coupled_sampler_are_refused_naming_the_folder(graph_run, tmp_path):
+    run_dir = str(shutil.copytree(graph_run.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("students")))
+    config = distill.DistillConfig(pairs=4, teacher={"strategy": "full", "solver": "euler", "steps": 2})
+    version = versions.load(run_dir).get("version")
+    uri = distill.make_pairs(run_dir, 0, config, version)
+    old = distill.table_tensors(steps.read_table(uri))  # as the pairs were: the masked prior as noise end
+    old[noise_key("edge_type")] = torch.full_like(old["edge_type"], graph_run.domain.fields["edge_type"].path.mask)
+    steps.write_table(uri, distill.tensors_table(old))
+    with pytest.raises(ValueError, match=r"holds no reveal noise for \['edge_type'\] .* delete .*students/v1/pairs"):
+        distill.read_pairs(run_dir, config, graph_run.domain, version)
